@@ -1,0 +1,43 @@
+"""Typed errors. Each message is one line that says what went wrong and what to do.
+
+The CLI turns any ``EmbedkitError`` into that one line on stderr and exit code 1; anything
+else is a bug in embedkit and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EmbedkitError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class InvalidArgumentError(EmbedkitError, ValueError):
+    """An argument has a value outside its allowed set; the message lists the valid values."""
+
+
+class WeightsUnavailableError(EmbedkitError):
+    """No weight source worked for a model; the message names the ways to provide weights."""
+
+
+class WeightsMismatchError(EmbedkitError):
+    """A weights file does not fit the model (missing tensors or wrong shapes)."""
+
+
+class StoreError(EmbedkitError):
+    """A store is missing, unreadable or corrupt."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing to the store."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was made with another model, weights or preprocessing."""
+
+
+class IndexStateError(EmbedkitError):
+    """An index is missing, corrupt, or was built from another store state."""
+
+
+class ProbeError(EmbedkitError):
+    """A probe cannot be trained, loaded or applied (bad labels, model mismatch, ...)."""

@@ -1,0 +1,139 @@
+"""The model's own eval preprocessing, split in two halves.
+
+``Preprocess.to_uint8`` (resize + center crop, on a PIL image) runs in decode workers and
+returns a small uint8 HWC array, which is cheap to pass between processes. ``Preprocess.
+normalize`` (scale, mean/std) runs on whole batches in the model process. Together they
+reproduce timm's ``transforms_imagenet_eval`` exactly: ``Resize(floor(size / crop_pct))``
+then ``CenterCrop(size)``, ``ToTensor``, ``Normalize(mean, std)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_PIL_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resolved eval preprocessing, recorded in every store.
+
+    Attributes:
+        size: output (height, width) in pixels.
+        crop_pct: fraction of the resized image kept by the center crop (timm convention).
+        crop_mode: timm crop mode; ``center`` resizes the shorter side, ``squash`` both sides.
+        interpolation: resize filter name, one of ``_PIL_INTERPOLATION``.
+        mean: per-channel mean in the pixel scale given by ``pixel_scale``.
+        std: per-channel std in the same scale.
+        pixel_scale: pixels are divided by this before mean/std: 255 for the usual
+            ``ToTensor`` convention, 1 for VGG/Caffe-style mean subtraction on 0..255 values.
+        channel_order: ``RGB``, or ``BGR`` for Caffe-converted weights.
+    """
+
+    size: tuple[int, int]
+    crop_pct: float
+    crop_mode: str
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pixel_scale: float = 255.0
+    channel_order: str = "RGB"
+
+    @classmethod
+    def from_timm_config(cls, cfg: dict[str, Any]) -> Preprocess:
+        """Build from ``timm.data.resolve_model_data_config(model)``."""
+        _, h, w = cfg["input_size"]
+        return cls(
+            size=(int(h), int(w)),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            crop_mode=str(cfg.get("crop_mode", "center")),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(
+            size=(int(d["size"][0]), int(d["size"][1])),
+            crop_pct=float(d["crop_pct"]),
+            crop_mode=str(d["crop_mode"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            pixel_scale=float(d.get("pixel_scale", 255.0)),
+            channel_order=str(d.get("channel_order", "RGB")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @property
+    def scale_size(self) -> tuple[int, int]:
+        """Size before the center crop, as timm computes it (``floor(size / crop_pct)``)."""
+        h, w = self.size
+        return math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+
+    @property
+    def draft_size(self) -> int:
+        """Smallest side a JPEG may be draft-decoded to without losing resize quality."""
+        return max(self.scale_size)
+
+    def to_uint8(self, img: Image.Image) -> np.ndarray:
+        """Resize and center-crop an RGB PIL image; returns uint8 (H, W, 3)."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        resample = _PIL_INTERPOLATION.get(self.interpolation, Image.Resampling.BILINEAR)
+        th, tw = self.size
+        if self.crop_mode == "squash":
+            sh, sw = self.scale_size
+            img = img.resize((sw, sh), resample)
+        else:
+            # torchvision Resize(int) semantics: the shorter side becomes scale_size.
+            short = self.scale_size[0] if self.size[0] == self.size[1] else None
+            w, h = img.size
+            if short is not None:
+                if w <= h:
+                    nw, nh = short, int(short * h / w)
+                else:
+                    nh, nw = short, int(short * w / h)
+            else:
+                nh, nw = self.scale_size
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), resample)
+        w, h = img.size
+        # torchvision CenterCrop rounding: top = round((h - th) / 2).
+        top = int(round((h - th) / 2.0))
+        left = int(round((w - tw) / 2.0))
+        if top < 0 or left < 0:  # smaller than the crop: pad like torchvision (zeros)
+            canvas = Image.new("RGB", (max(w, tw), max(h, th)))
+            canvas.paste(img, (max(0, -left), max(0, -top)))
+            img, top, left = canvas, max(top, 0), max(left, 0)
+        img = img.crop((left, top, left + tw, top + th))
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised, on ``batch.device``."""
+        x = batch.permute(0, 3, 1, 2).float()
+        if self.channel_order == "BGR":
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * self.pixel_scale
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * self.pixel_scale
+        return (x - mean) / std
