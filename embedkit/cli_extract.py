@@ -1,0 +1,131 @@
+"""CLI verbs for building and inspecting stores: extract, info, export, models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .backbones import DEFAULT_MODEL, list_models
+from .cli_app import app
+from .clikit import console, print_json, run_command
+from .extract import ExtractSummary, extract
+from .info import store_info
+from .store import export_store
+
+
+
+
+@app.command("extract")
+@run_command
+def extract_cmd(
+    sources: Annotated[list[Path], typer.Argument(help="Folders (recursive), image files, or .txt/.csv lists of paths.", show_default=False)],
+    store: Annotated[Path, typer.Option("--store", "-s", help="Store directory; created if missing, updated incrementally if it exists.")],
+    model: Annotated[str, typer.Option(help="Preset (see `embedkit models`) or any timm model name.")] = DEFAULT_MODEL,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file: .safetensors, or a state-dict .pth/.pt (timm or torchvision layout).")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Use random weights on purpose (recorded in the store). Never the default.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 16 on CPU, 64 on CUDA].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")] = "auto",
+    normalize: Annotated[bool, typer.Option("--normalize", help="Store L2-normalised vectors instead of raw pooled features.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    """Embed images into a Parquet store (incremental, crash-safe; rerun to resume).
+
+    Unchanged files are skipped, changed ones re-embedded, deleted ones dropped, renamed or
+    copied ones reuse their vectors. Bad files are recorded with a reason, never fatal.
+
+    Example: embedkit extract ~/Pictures --store pictures.store
+    """
+    summary = extract(
+        [str(s) for s in sources], store, model=model, weights=weights, random_init=random_init,
+        batch_size=batch_size, workers=workers, device=device, normalize=normalize,
+        progress=not json_out,
+    )
+    if json_out:
+        print_json(summary.to_dict())
+    else:
+        _print_summary(summary)
+        _print_info(store_info(store))
+
+
+def _print_summary(s: ExtractSummary) -> None:
+    done = s.embedded + s.reused
+    rate = f"{s.embedded / s.wall_s:.1f} img/s" if s.wall_s > 0 and s.embedded else "-"
+    console.print(
+        f"embedded {s.embedded}, reused {s.reused} (same content), unchanged {s.unchanged}, "
+        f"deleted {s.deleted}, failed {s.n_failed} in {s.wall_s:.1f}s ({rate}); "
+        f"{done} new rows"
+    )
+    if s.failed:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.failed.items()))
+        console.print(f"failed by reason: {reasons}")
+
+
+def _print_info(info: dict) -> None:
+    t = Table(title=f"store {info['store']}", show_header=False, title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for key in ("rows", "failed", "dim", "model", "weights_source", "weights_sha256",
+                "random_init", "normalize", "version", "parts", "bytes", "updated"):
+        value = info[key]
+        if key == "random_init" and value:
+            value = "[bold red]True (random weights: vectors carry no meaning)[/]"
+        t.add_row(key, str(value))
+    if info["failed_by_reason"]:
+        t.add_row("failed by reason", ", ".join(f"{k} {v}" for k, v in sorted(info["failed_by_reason"].items())))
+    pp = info["preprocess"] or {}
+    t.add_row("preprocess", f"{pp.get('size')} crop {pp.get('crop_pct')} {pp.get('interpolation')} "
+              f"mean {pp.get('mean')} std {pp.get('std')}")
+    console.print(t)
+
+
+@app.command("info")
+@run_command
+def info_cmd(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (keys: rows, failed, dim, model, weights_sha256, random_init, ...).")] = False,
+) -> None:
+    """Show what a store holds and how it was made (model, weights, preprocessing, failures)."""
+    info = store_info(store)
+    if json_out:
+        print_json(info)
+    else:
+        _print_info(info)
+
+
+@app.command("export")
+@run_command
+def export_cmd(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    out: Annotated[Path, typer.Argument(help="Output .parquet file (one file, the live rows).")],
+) -> None:
+    """Write the store's live rows to ONE Parquet file for pandas, duckdb or polars.
+
+    Example: embedkit export photos.store photos.parquet; then in duckdb:
+    SELECT path, embedding FROM 'photos.parquet' WHERE status = 'ok'
+    """
+    n = export_store(store, out)
+    console.print(f"wrote {n} rows to {out}")
+
+
+@app.command("models")
+@run_command
+def models_cmd(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON: name, dim, input_size, weights_available.")] = False,
+) -> None:
+    """List the model presets, their vector size, and whether weights are on this machine.
+
+    Any other timm model name works too (pass --weights FILE, or --random-init).
+    """
+    rows = list_models()
+    if json_out:
+        print_json(rows)
+        return
+    t = Table("model", "dim", "input", "weights here", "source")
+    for r in rows:
+        t.add_row(r["name"], str(r["dim"]), "x".join(map(str, r["input_size"][1:])),
+                  "yes" if r["weights_available"] else "no", str(r.get("source") or "-"))
+    console.print(t)

@@ -1,0 +1,172 @@
+"""Decoding in worker processes, so a crashing decoder costs one file, not the run.
+
+Workers read a file, hash it, decode it (``images.open_rgb``, JPEG draft decoding on) and
+apply the model's resize + crop (``Preprocess.to_uint8``). They return small uint8 arrays; the
+model process does the rest on whole batches. When a worker dies (a segfault in a codec, the
+OOM killer), the files that were in flight are retried one at a time in a fresh pool, and the
+one that kills it again is recorded as ``decode_crash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_rgb
+from .preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a worker returns for one file."""
+
+    status: str  # "ok" | "reuse" | "failed"
+    content_hash: str | None
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3) after resize + crop
+    width: int | None = None
+    height: int | None = None
+    n_frames: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+# Content hashes whose vectors the store already has. Set in the parent before the pool forks,
+# so workers inherit it without pickling (copy-on-write).
+_KNOWN_HASHES: frozenset[str] = frozenset()
+
+
+def decode_file(
+    abspath: str, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
+    """Read, hash and decode one file; never raises for a bad file."""
+    try:
+        with open(abspath, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        return Decoded("failed", None, reason="permission_denied", detail="permission denied")
+    except FileNotFoundError:
+        return Decoded("failed", None, reason="not_found", detail="file vanished during the run")
+    except IsADirectoryError:
+        return Decoded("failed", None, reason="unidentified", detail="is a directory")
+    except OSError as exc:
+        return Decoded("failed", None, reason="decode_error", detail=f"read failed: {exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in _KNOWN_HASHES:
+        return Decoded("reuse", digest)
+    try:
+        img = open_rgb(data, max_pixels=max_pixels, draft_size=preprocess.draft_size)
+        pixels = preprocess.to_uint8(img.image)
+    except ImageDecodeError as exc:
+        return Decoded("failed", digest, reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one file, not the run
+        return Decoded("failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}")
+    return Decoded("ok", digest, pixels, img.width, img.height, img.n_frames)
+
+
+def _crashed() -> Decoded:
+    return Decoded("failed", None, reason="decode_crash", detail="the decoder process died on this file")
+
+
+class DecodePool:
+    """Unordered parallel ``decode_file`` over many files, isolated from decoder crashes."""
+
+    def __init__(
+        self,
+        workers: int,
+        preprocess: Preprocess,
+        *,
+        known_hashes: Iterable[str] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.workers = workers
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.known_hashes = frozenset(known_hashes)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        global _KNOWN_HASHES
+        _KNOWN_HASHES = self.known_hashes
+        # fork: workers inherit _KNOWN_HASHES and the imported modules for free; they only
+        # run Pillow and numpy, never torch, so forking a process that has torch loaded is safe.
+        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def imap_unordered(self, tasks: Iterable[tuple[int, str]], window: int) -> Iterator[tuple[int, Decoded]]:
+        """Yield ``(key, Decoded)`` for ``(key, abspath)`` tasks, at most ``window`` in flight."""
+        if self.workers <= 0:  # in-process decoding: no isolation, for debugging
+            global _KNOWN_HASHES
+            _KNOWN_HASHES = self.known_hashes
+            for key, path in tasks:
+                yield key, decode_file(path, self.preprocess, self.max_pixels)
+            return
+        it = iter(tasks)
+        pending: dict[Future[Decoded], tuple[int, str]] = {}
+
+        def fill() -> None:
+            if self._executor is None:
+                self._executor = self._new_executor()
+            while len(pending) < window:
+                task = next(it, None)
+                if task is None:
+                    return
+                fut = self._executor.submit(decode_file, task[1], self.preprocess, self.max_pixels)
+                pending[fut] = task
+
+        fill()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            suspects: list[tuple[int, str]] = []
+            for fut in done:
+                task = pending.pop(fut)
+                try:
+                    yield task[0], fut.result()
+                except BrokenProcessPool:
+                    suspects.append(task)
+            if suspects:
+                # Every other in-flight file is lost with the pool; results already finished
+                # are still readable, the rest become suspects too.
+                for fut, task in list(pending.items()):
+                    pending.pop(fut)
+                    if fut.done() and fut.exception() is None:
+                        yield task[0], fut.result()
+                    else:
+                        suspects.append(task)
+                yield from self._isolate(suspects)
+            fill()
+
+    def _isolate(self, suspects: list[tuple[int, str]]) -> Iterator[tuple[int, Decoded]]:
+        """Retry files one at a time in fresh pools; the ones that kill a pool are crashes."""
+        self.close()
+        for key, path in suspects:
+            if self._executor is None:
+                self._executor = self._new_executor()
+            try:
+                result = self._executor.submit(decode_file, path, self.preprocess, self.max_pixels).result()
+            except BrokenProcessPool:
+                self.close()
+                result = _crashed()
+            yield key, result
+
+
+def default_workers() -> int:
+    """Decode workers when the user does not say: one per usable core, less one for the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)

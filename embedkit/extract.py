@@ -1,0 +1,299 @@
+"""``extract``: image files in, an incremental, crash-safe Parquet store out.
+
+One run: find files -> plan (unchanged / to decode / deleted) against the committed store ->
+decode in worker processes while the model runs batches -> commit parts every
+``commit_every`` rows. A killed run loses at most the uncommitted rows; the rerun skips what
+was committed (same size and mtime) and finishes the rest, so every file ends up exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from . import __version__
+from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .decode import Decoded, DecodePool, default_workers
+from .embed import l2_normalize
+from .errors import InvalidArgumentError
+from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
+from .progress import ExtractProgress
+from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id, vectors_of
+
+# Failures worth retrying on a rerun even when the file did not change: they depend on the
+# environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
+TRANSIENT_REASONS = frozenset({"permission_denied", "decode_crash", "not_found"})
+
+
+@dataclass
+class ExtractSummary:
+    """What one ``extract`` run did."""
+
+    store: str
+    embedded: int = 0
+    reused: int = 0  # vectors copied from a file with the same content (rename, copy, touch)
+    unchanged: int = 0
+    deleted: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    rows: int = 0  # live embedded rows in the store after the run
+    wall_s: float = 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "embedded": self.embedded,
+            "reused": self.reused,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "failed": dict(self.failed),
+            "rows": self.rows,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
+    """Everything a store records about how its vectors were made."""
+    import timm
+
+    return {
+        "embedkit_version": __version__,
+        "model": backbone.name,
+        "weights_source": backbone.weights_source,
+        "weights_sha256": backbone.weights_sha256,
+        "random_init": backbone.random_init,
+        "seed": backbone.seed,
+        "preprocess": backbone.preprocess.to_dict(),
+        "dim": backbone.dim,
+        "normalize": normalize,
+        "runtime": "torch",
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+    }
+
+
+@dataclass
+class _Plan:
+    todo: list[tuple[FoundFile, os.stat_result]]
+    unchanged: int
+    deleted_ids: list[int]
+    deleted_keys: list[tuple[str, str]]
+    failed_stat: list[tuple[FoundFile, str, str]]
+
+
+def _plan(found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str],
+          committed: pa.Table) -> _Plan:
+    existing: dict[int, tuple[int | None, int | None, str, str | None]] = {}
+    if committed.num_rows:
+        for i, s, m, st, r in zip(
+            committed["id"].to_pylist(), committed["size"].to_pylist(),
+            committed["mtime_ns"].to_pylist(), committed["status"].to_pylist(),
+            committed["reason"].to_pylist(), strict=True,
+        ):
+            existing[i] = (s, m, st, r)
+    todo: list[tuple[FoundFile, os.stat_result]] = []
+    failed_stat: list[tuple[FoundFile, str, str]] = []
+    unchanged = 0
+    seen: set[int] = set()
+    for f in found:
+        fid = row_id(f.root, f.path)
+        seen.add(fid)
+        try:
+            st = os.stat(f.abspath)
+        except PermissionError:
+            failed_stat.append((f, "permission_denied", "cannot stat"))
+            continue
+        except OSError as exc:
+            failed_stat.append((f, "not_found", str(exc.strerror)))
+            continue
+        old = existing.get(fid)
+        if (old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns
+                and not (old[2] == STATUS_FAILED and old[3] in TRANSIENT_REASONS)):
+            unchanged += 1
+            continue
+        todo.append((f, st))
+    deleted_ids, deleted_keys = [], []
+    if committed.num_rows:
+        for i, root, path in zip(committed["id"].to_pylist(), committed["root"].to_pylist(),
+                                 committed["path"].to_pylist(), strict=True):
+            if i in seen or root not in walked_roots:
+                continue
+            full = os.path.join(root, path)
+            if any(full.startswith(d + os.sep) for d in skipped_dirs):
+                continue  # under a folder we could not read this time: keep it
+            deleted_ids.append(i)
+            deleted_keys.append((root, path))
+    return _Plan(todo, unchanged, deleted_ids, deleted_keys, failed_stat)
+
+
+def extract(
+    sources: Sequence[str | os.PathLike[str]],
+    store: str | os.PathLike[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    normalize: bool = False,
+    commit_every: int = 1024,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+) -> ExtractSummary:
+    """Embed every image under ``sources`` into the store at ``store``, incrementally.
+
+    Args:
+        sources: folders (recursive), image files, or .txt/.csv lists of paths.
+        store: the store directory (created if missing).
+        model: a preset or any timm model name.
+        weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
+        random_init: random weights on purpose; recorded in the store.
+        batch_size: images per forward pass (default 16 on CPU, 64 on CUDA).
+        workers: decode processes (default: usable cores - 1, at least 1; 0 decodes in-process).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
+            ImageNet head usable; search normalises on its own).
+        commit_every: rows per committed part; a kill loses at most this many rows of work.
+        max_pixels: images declaring more pixels are refused as decompression bombs.
+        progress: show a progress bar.
+
+    Returns:
+        An ``ExtractSummary``.
+    """
+    if not sources:
+        raise InvalidArgumentError("no sources given; pass folders, image files or a .txt/.csv list")
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgumentError(f"batch size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise InvalidArgumentError(f"workers must be >= 0, got {workers}")
+    if commit_every < 1:
+        raise InvalidArgumentError(f"commit_every must be >= 1, got {commit_every}")
+    t0 = time.perf_counter()
+    found, scan_failures = find_images(sources)
+    walked_roots = {os.path.abspath(os.fspath(s)) for s in sources if os.path.isdir(s)}
+    skipped_dirs = [os.path.join(f.root, f.path) for f in scan_failures
+                    if f.reason in ("unreadable_dir", "symlink_loop")]
+    backbone = load_backbone(model, weights=weights, random_init=random_init, device=device)
+    bs = batch_size or (64 if backbone.device.type == "cuda" else 16)
+    nworkers = default_workers() if workers is None else workers
+    summary = ExtractSummary(store=os.fspath(store))
+
+    with StoreWriter(store, store_metadata(backbone, normalize)) as writer:
+        if backbone.head is not None:
+            weight, bias = backbone.head
+            writer.save_head(weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
+        committed = writer.committed_rows()
+        plan = _plan(found, walked_roots, skipped_dirs, committed)
+        summary.unchanged = plan.unchanged
+        # Vectors by content hash, for renamed, copied or touched files.
+        ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
+        known_vectors = vectors_of(ok, backbone.dim)
+        known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
+
+        if plan.deleted_ids:
+            writer.add(ids=plan.deleted_ids, roots=[k[0] for k in plan.deleted_keys],
+                       paths=[k[1] for k in plan.deleted_keys],
+                       status=[STATUS_DELETED] * len(plan.deleted_ids))
+            summary.deleted = len(plan.deleted_ids)
+        failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
+        failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
+        if failures:
+            writer.add(ids=[row_id(r, p) for r, p, _, _ in failures],
+                       roots=[x[0] for x in failures], paths=[x[1] for x in failures],
+                       status=[STATUS_FAILED] * len(failures),
+                       reason=[x[2] for x in failures], detail=[x[3] for x in failures])
+            summary.failed.update(x[2] for x in failures)
+
+        known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
+        run = _Run(writer, backbone, bs, normalize, commit_every, summary, known_vectors, known,
+                   known_meta)
+        tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
+        bar = ExtractProgress(total=len(tasks), enabled=progress)
+        try:
+            with bar, DecodePool(nworkers, backbone.preprocess, known_hashes=known,
+                                 max_pixels=max_pixels) as pool:
+                for key, result in pool.imap_unordered(tasks, window=max(2 * bs, 4 * max(nworkers, 1))):
+                    f, st = plan.todo[key]
+                    run.take(f, st, result)
+                    bar.advance(1)
+                run.flush()
+        finally:
+            # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
+            writer.commit()
+        summary.rows = _count_ok(writer)
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+def _count_ok(writer: StoreWriter) -> int:
+    live = writer.committed_rows()
+    live = live.filter(pc.not_equal(live["status"], STATUS_DELETED))
+    return int(pc.sum(pc.equal(live["status"], STATUS_OK)).as_py() or 0)
+
+
+class _Run:
+    """Accumulates decoded files into batches, runs the model, buffers rows, commits."""
+
+    def __init__(self, writer: StoreWriter, backbone: Backbone, batch_size: int,
+                 normalize: bool, commit_every: int, summary: ExtractSummary,
+                 known_vectors: np.ndarray, known: dict[str, int],
+                 known_meta: dict[str, list[Any]]) -> None:
+        self.writer, self.backbone, self.batch_size = writer, backbone, batch_size
+        self.normalize, self.commit_every, self.summary = normalize, commit_every, summary
+        self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
+        self.batch: list[tuple[FoundFile, os.stat_result, Decoded]] = []
+
+    def take(self, f: FoundFile, st: os.stat_result, r: Decoded) -> None:
+        common = dict(ids=[row_id(f.root, f.path)], roots=[f.root], paths=[f.path],
+                      content_hash=[r.content_hash], size=[st.st_size], mtime_ns=[st.st_mtime_ns])
+        if r.status == "ok":
+            self.batch.append((f, st, r))
+            if len(self.batch) >= self.batch_size:
+                self.flush()
+        elif r.status == "reuse":
+            assert r.content_hash is not None
+            src = self.known[r.content_hash]
+            w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
+            self.writer.add(**common, status=[STATUS_OK], width=[w], height=[h], n_frames=[nf],
+                            embedding=self.known_vectors[src : src + 1])
+            self.summary.reused += 1
+        else:
+            self.writer.add(**common, status=[STATUS_FAILED], reason=[r.reason], detail=[r.detail])
+            self.summary.failed[r.reason or "decode_error"] += 1
+        self._maybe_commit()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        pixels = torch.from_numpy(np.stack([r.pixels for _, _, r in self.batch]))
+        vectors = self.backbone.forward(pixels)
+        if self.normalize:
+            vectors = l2_normalize(vectors)
+        b = self.batch
+        self.writer.add(
+            ids=[row_id(f.root, f.path) for f, _, _ in b], roots=[f.root for f, _, _ in b],
+            paths=[f.path for f, _, _ in b], content_hash=[r.content_hash for _, _, r in b],
+            size=[st.st_size for _, st, _ in b], mtime_ns=[st.st_mtime_ns for _, st, _ in b],
+            width=[r.width for _, _, r in b], height=[r.height for _, _, r in b],
+            n_frames=[r.n_frames for _, _, r in b], status=[STATUS_OK] * len(b), embedding=vectors,
+        )
+        self.summary.embedded += len(b)
+        self.batch = []
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        if self.writer.pending >= self.commit_every:
+            self.writer.commit()
