@@ -1,0 +1,547 @@
+"""Finding image files and decoding one image safely to RGB.
+
+``find_images`` turns folders, single files and list files into ``FoundFile`` records plus
+``ScanFailure`` records for what could not be scanned. ``open_rgb`` decodes one file to an
+RGB ``DecodedImage`` (EXIF orientation applied, first frame only, alpha flattened, high bit
+depths range-scaled) or raises ``ImageDecodeError`` with a reason from ``FAILURE_REASONS``.
+Per-file problems never raise anything else, so one hostile file cannot stop a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import stat
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from embedkit.errors import InvalidArgumentError
+
+# Pillow's own default refusal point: it raises DecompressionBombError above
+# 2 x Image.MAX_IMAGE_PIXELS (2 x 89_478_485, i.e. ~179 Mpx; 89.5 Mpx is a 256 MiB RGB image)
+# and only warns above Image.MAX_IMAGE_PIXELS. Pillow refuses above its limit at open time
+# whatever ``max_pixels`` says, so larger caps need Image.MAX_IMAGE_PIXELS raised too.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+# Transparent pixels are composited onto this colour, so that a cut-out product shot embeds
+# the same whatever (undefined) colour its invisible pixels happen to hold.
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+
+def _image_suffixes() -> frozenset[str]:
+    suffixes = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp"}
+    # AVIF needs libavif in Pillow's build; without it an .avif file could only fail.
+    if features.check("avif"):
+        suffixes.add(".avif")
+    return frozenset(suffixes)
+
+
+IMAGE_SUFFIXES: frozenset[str] = _image_suffixes()
+
+# Pillow is only allowed to identify these formats: a renamed EPS/PDF must not reach
+# Ghostscript, and exotic decoders are fuzzing surface we do not need. Multi-picture phone
+# JPEGs (format "MPO") open through the JPEG entry; DIB is BMP without its file header.
+_ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB") + (
+    ("AVIF",) if ".avif" in IMAGE_SUFFIXES else ()
+)
+_LIST_SUFFIXES = frozenset({".txt", ".csv"})
+
+FAILURE_REASONS: tuple[str, ...] = (
+    "empty_file",
+    "unidentified",
+    "truncated",
+    "decompression_bomb",
+    "decode_error",
+    "unsupported_mode",
+    "unsupported_format",
+    "permission_denied",
+    "not_found",
+    "symlink_loop",
+    "unreadable_dir",
+    "decode_crash",  # set by the caller when a decode worker process dies on a file
+)
+
+_MAX_DETAIL = 200  # characters; details end up in every failed store row
+_MAX_WARNINGS = 10  # a fuzzed TIFF can emit hundreds of identical-looking tag warnings
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """One image file to decode.
+
+    Attributes:
+        root: absolute source root (the folder given, or the parent of a named file).
+        path: posix path relative to ``root``, exact Unicode as on disk.
+        abspath: absolute path of the file.
+    """
+
+    root: str
+    path: str
+    abspath: str
+
+
+@dataclass(frozen=True)
+class ScanFailure:
+    """A file or folder that could not be scanned; ``reason`` is one of ``FAILURE_REASONS``."""
+
+    root: str
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class DecodedImage:
+    """A decoded first frame.
+
+    Attributes:
+        image: RGB image, possibly smaller than ``width`` x ``height`` after draft decoding.
+        width: full-resolution width after EXIF orientation.
+        height: full-resolution height after EXIF orientation.
+        n_frames: frames (animation) or pages (TIFF) in the file; only the first is decoded.
+        warnings: non-fatal problems seen while decoding (e.g. corrupt EXIF).
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    n_frames: int
+    warnings: list[str] = field(default_factory=list)
+
+
+class ImageDecodeError(Exception):
+    """One file could not be decoded; ``reason`` is one of ``FAILURE_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in FAILURE_REASONS, reason
+        # args == (reason, detail) so the error pickles back intact from a decode worker.
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+
+def find_images(
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+) -> tuple[list[FoundFile], list[ScanFailure]]:
+    """Expand folders, image files and list files into the image files to decode.
+
+    A folder is walked recursively (following symlinked folders, recording loops); files
+    whose lowercased suffix is not in ``IMAGE_SUFFIXES`` are ignored. A ``.txt`` list file
+    holds one path per line (blank lines and ``#`` comments ignored); a ``.csv`` list file
+    uses its ``path`` column, or its first column when the header has none. Relative list
+    entries are resolved against the list file's folder. The same absolute path is returned
+    once, at its first occurrence.
+
+    Args:
+        sources: folders, image files and list files; a single path is accepted too.
+
+    Returns:
+        The files found (in source order, each source sorted by path) and the failures.
+
+    Raises:
+        InvalidArgumentError: a source does not exist.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    found: list[FoundFile] = []
+    failures: list[ScanFailure] = []
+    for source in sources:
+        path = os.path.abspath(os.fsdecode(source))
+        if not os.path.exists(path):
+            raise InvalidArgumentError(
+                f"source {os.fsdecode(source)!r} does not exist; pass an existing folder, "
+                "image file, or .txt/.csv list file"
+            )
+        suffix = os.path.splitext(path)[1].lower()
+        if os.path.isdir(path):
+            _walk(path, found, failures)
+        elif suffix in _LIST_SUFFIXES:
+            for entry in _read_list(path):
+                _add_entry(os.path.join(os.path.dirname(path), entry), found, failures)
+        else:
+            _add_entry(path, found, failures)
+
+    seen: set[str] = set()
+    unique: list[FoundFile] = []
+    for f in found:
+        key = os.path.normpath(f.abspath)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, list(dict.fromkeys(failures))
+
+
+def _add_entry(path: str, found: list[FoundFile], failures: list[ScanFailure]) -> None:
+    """One explicitly named path: an image file, or a folder named inside a list file."""
+    path = os.path.abspath(path)
+    root, name = os.path.split(path)
+    if os.path.isdir(path):
+        _walk(path, found, failures)
+        return
+    if not os.path.lexists(path):
+        failures.append(ScanFailure(root, name, "not_found", "no such file"))
+        return
+    if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+        failures.append(
+            ScanFailure(
+                root,
+                name,
+                "unsupported_format",
+                f"suffix not in {', '.join(sorted(IMAGE_SUFFIXES))}",
+            )
+        )
+        return
+    failure = _stat_failure(path, root, name)
+    if failure is not None:
+        failures.append(failure)
+    else:
+        found.append(FoundFile(root=root, path=name, abspath=path))
+
+
+def _stat_failure(abspath: str, root: str, rel: str) -> ScanFailure | None:
+    """Why a (possibly symlinked) file cannot be used, or None when it exists."""
+    try:
+        os.stat(abspath)
+    except FileNotFoundError:
+        return ScanFailure(root, rel, "not_found", "broken symlink")
+    except PermissionError as e:
+        return ScanFailure(root, rel, "permission_denied", _describe(e))
+    except OSError as e:
+        reason = "symlink_loop" if e.errno == errno.ELOOP else "not_found"
+        return ScanFailure(root, rel, reason, _describe(e))
+    return None
+
+
+def _walk(root: str, found: list[FoundFile], failures: list[ScanFailure]) -> None:
+    """Recursive scan of one folder source; ``path`` values are relative to ``root``."""
+    results: list[FoundFile] = []
+    problems: list[ScanFailure] = []
+    # (st_dev, st_ino) of every folder scanned, so a symlink back up the tree (or a second
+    # link to a folder already scanned) is visited once; os.walk(followlinks=True) loops forever.
+    visited: dict[tuple[int, int], str] = {}
+
+    # An explicit stack rather than recursion: folder depth is the user's, not ours to cap.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset())]
+    while stack:
+        dirpath, rel, ancestors = stack.pop()
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            problems.append(ScanFailure(root, rel or ".", "unreadable_dir", _describe(e)))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            if key in ancestors:
+                problems.append(
+                    ScanFailure(root, rel, "symlink_loop", f"links back to {visited[key] or '.'!r}")
+                )
+            # Otherwise an alias of a folder already scanned: its files are already listed.
+            continue
+        visited[key] = rel
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append(ScanFailure(root, rel or ".", "unreadable_dir", _describe(e)))
+            continue
+        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False  # a looping or unreadable link; judged below by its suffix
+            if is_dir:
+                subdirs.append((entry.path, child, ancestors | {key}))
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            failure = _stat_failure(entry.path, root, child) if entry.is_symlink() else None
+            if failure is not None:
+                problems.append(failure)
+            elif entry.is_file(follow_symlinks=True):
+                results.append(FoundFile(root=root, path=child, abspath=entry.path))
+        stack.extend(reversed(subdirs))  # depth-first in name order: the first alias wins
+
+    results.sort(key=lambda f: f.path)
+    found.extend(results)
+    failures.extend(sorted(problems, key=lambda f: f.path))
+
+
+def _read_list(path: str) -> list[str]:
+    """Entries of a ``.txt`` or ``.csv`` list file, in file order."""
+    try:
+        # utf-8-sig: spreadsheet programs put a BOM in front of the first path.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(
+            f"cannot read list file {path!r} ({_describe(e)}); pass a readable UTF-8 file"
+        ) from e
+    if path.lower().endswith(".csv"):
+        rows = [row for row in csv.reader(io.StringIO(text)) if row]
+        column = 0
+        if rows:
+            header = [cell.strip().lower() for cell in rows[0]]
+            if "path" in header:
+                column = header.index("path")
+                rows = rows[1:]
+        entries = [row[column].strip() for row in rows if len(row) > column]
+    else:
+        # strip(): editors leave trailing blanks and CRLF line ends; a file name that truly
+        # ends in a blank is rarer than either.
+        entries = [line.strip() for line in text.splitlines()]
+        entries = [e for e in entries if not e.startswith("#")]
+    return [e for e in entries if e]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def open_rgb(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> DecodedImage:
+    """Decode the first frame of one image file to RGB.
+
+    Args:
+        source: a file path, or the file's bytes.
+        max_pixels: refuse images whose declared width x height exceeds this, before any
+            pixel is decoded. Pillow's own hard limit (2 x ``Image.MAX_IMAGE_PIXELS``, equal to
+            ``DEFAULT_MAX_PIXELS`` unless changed) still applies above it.
+        draft_size: for JPEGs, let libjpeg decode at a reduced scale whose shorter side stays
+            at least this many pixels (much faster for large photos). Ignored for other formats.
+
+    Returns:
+        The RGB image with its full-resolution size after orientation, frame count and
+        warnings.
+
+    Raises:
+        ImageDecodeError: the file cannot be decoded; ``reason`` says why.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageDecodeError("empty_file", "0 bytes")
+        return _decode(io.BytesIO(source), max_pixels, draft_size)
+    path = os.fsdecode(source)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO would block the worker forever, a folder cannot be an image.
+            raise ImageDecodeError("decode_error", "not a regular file")
+        if st.st_size == 0:
+            raise ImageDecodeError("empty_file", "0 bytes")
+        with open(path, "rb") as fp:
+            return _decode(fp, max_pixels, draft_size)
+    except FileNotFoundError as e:
+        raise ImageDecodeError("not_found", _describe(e)) from e
+    except PermissionError as e:
+        raise ImageDecodeError("permission_denied", _describe(e)) from e
+    except OSError as e:
+        reason = "symlink_loop" if e.errno == errno.ELOOP else "decode_error"
+        raise ImageDecodeError(reason, _describe(e)) from e
+
+
+def _decode(fp: BinaryIO, max_pixels: int, draft_size: int | None) -> DecodedImage:
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        # Record, never raise or print: a warning about a file is data about that file.
+        warnings.simplefilter("always")
+        try:
+            im = Image.open(fp, formats=_ALLOWED_FORMATS)
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError("decompression_bomb", _describe(e)) from e
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError("unidentified", "not a recognised image format") from e
+        except ImageDecodeError:
+            raise
+        except Exception as e:  # fuzzed headers raise TypeError, SyntaxError, struct.error, ...
+            raise ImageDecodeError("decode_error", _describe(e)) from e
+        result: DecodedImage | None = None
+        try:
+            result = _decode_opened(im, max_pixels, draft_size, notes)
+        except ImageDecodeError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError("decompression_bomb", _describe(e)) from e
+        except OSError as e:
+            raise _load_error(e) from e
+        except Exception as e:  # same catch-all as at open: any decoder bug is this file's
+            raise ImageDecodeError("decode_error", _describe(e)) from e
+        finally:
+            # The returned image may be ``im`` itself (an RGB file): closing would destroy it.
+            if result is None or result.image is not im:
+                im.close()
+    seen: list[str] = []
+    for w in caught:
+        if issubclass(w.category, (ResourceWarning, DeprecationWarning)):
+            continue  # about our process, not about the file
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            continue  # max_pixels is the policy; Pillow's softer limit is noise under it
+        text = f"{w.category.__name__}: {str(w.message).strip()}"[:_MAX_DETAIL]
+        if text not in seen:
+            seen.append(text)
+    # Our own notes first: they say what was done about the problem.
+    result.warnings = (notes + seen)[:_MAX_WARNINGS]
+    return result
+
+
+def _decode_opened(
+    im: ImageFile.ImageFile, max_pixels: int, draft_size: int | None, notes: list[str]
+) -> DecodedImage:
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "decompression_bomb", f"{width}x{height} = {width * height} pixels > {max_pixels}"
+        )
+    try:
+        # GIF counts frames by parsing to the end; a bad later frame must not fail frame 0.
+        n_frames = int(getattr(im, "n_frames", 1))
+    except Exception as e:
+        notes.append(f"frame count unreadable ({_describe(e)}); recorded as 1")
+        n_frames = 1
+        im.seek(0)
+    if draft_size is not None and im.format in ("JPEG", "MPO"):
+        im.draft("RGB", (draft_size, draft_size))
+    if im.format == "PNG":
+        _tolerate_trailing_chunks(im, notes)
+    im.load()
+
+    before = im.size
+    try:
+        # in_place: no copy of a large unrotated photo. Also reads XMP tiff:Orientation.
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception as e:
+        notes.append(f"EXIF unreadable ({_describe(e)}); orientation treated as absent")
+    if im.size != before and im.size == (before[1], before[0]):
+        width, height = height, width  # orientations 5-8 swap the axes
+
+    return DecodedImage(_to_rgb(im), width=width, height=height, n_frames=n_frames)
+
+
+def rgb_from_pil(image: Image.Image) -> Image.Image:
+    """An in-memory PIL image to RGB exactly as ``open_rgb`` treats a file's first frame.
+
+    EXIF orientation is applied (a corrupt EXIF counts as absent), alpha is flattened onto
+    ``ALPHA_BACKGROUND`` and high bit depths are range-scaled. A multi-frame image is seeked
+    to its first frame. The caller's image is otherwise left unchanged.
+
+    Args:
+        image: a PIL image in any mode, loaded or lazily opened.
+
+    Raises:
+        ImageDecodeError: the pixels cannot be loaded, or the mode cannot be converted.
+    """
+    notes: list[str] = []  # nowhere to report them for an in-memory image
+    try:
+        if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+            image.seek(0)
+        if isinstance(image, ImageFile.ImageFile) and image.format == "PNG" and image.tile:
+            _tolerate_trailing_chunks(image, notes)
+        image.load()
+    except OSError as e:
+        raise _load_error(e) from e
+    except Exception as e:  # as in open_rgb: a decoder bug is this image's failure
+        raise ImageDecodeError("decode_error", _describe(e)) from e
+    try:
+        image = ImageOps.exif_transpose(image)  # a copy: the caller's image is not rotated
+    except Exception:
+        pass  # corrupt EXIF is treated as absent, as in open_rgb
+    return _to_rgb(image)
+
+
+def _load_error(e: OSError) -> ImageDecodeError:
+    # Pillow reports a short read as "image file is truncated (N bytes not processed)".
+    reason = "truncated" if "truncated" in str(e).lower() else "decode_error"
+    return ImageDecodeError(reason, _describe(e))
+
+
+def _tolerate_trailing_chunks(im: ImageFile.ImageFile, notes: list[str]) -> None:
+    """Make a failure to read the PNG chunks *after* the pixel data non-fatal.
+
+    Pillow reads those chunks (text, late eXIf) in ``load_end``, after every pixel has been
+    decoded but before it checks the decoder's own error code; a file cut inside its last
+    chunk then fails ``load()`` with complete pixels. Wrapping this one image's ``load_end``
+    (an instance attribute, nothing global) keeps that error check in place.
+    """
+    original = im.load_end
+
+    def load_end() -> None:
+        try:
+            original()
+        except Exception as e:
+            notes.append(f"PNG chunks after the pixels unreadable ({_describe(e)}); ignored")
+
+    im.load_end = load_end  # type: ignore[method-assign]
+
+
+_CONVERTIBLE = frozenset({"RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "L", "1", "P"})
+_ALPHA = frozenset({"RGBA", "RGBa", "LA", "PA"})
+_HIGH_DEPTH = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any supported mode to RGB; alpha flattened onto ``ALPHA_BACKGROUND``."""
+    mode = im.mode
+    has_alpha = mode in _ALPHA or (mode in ("L", "RGB", "P") and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode == "RGB":
+        return im
+    if mode in _CONVERTIBLE:
+        # Pillow's JPEG plugin already undoes Adobe's inverted CMYK before this convert.
+        return im.convert("RGB")
+    if mode == "La":  # premultiplied: flatten is Lp + (1 - a) * background
+        lp, a = (np.asarray(ch, dtype=np.float32) for ch in im.split())
+        bg = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
+        rgb = lp[..., None] + (1.0 - a[..., None] / 255.0) * bg
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    if mode in _HIGH_DEPTH:
+        return Image.fromarray(_scale_to_uint8(np.asarray(im)), "L").convert("RGB")
+    raise ImageDecodeError("unsupported_mode", f"mode {mode!r}")
+
+
+def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Map the image's own finite min..max to 0..255.
+
+    ``convert("RGB")`` clips 16/32-bit values at 255, which turns most 16-bit scans into an
+    all-white frame; scaling by the data's range keeps the picture. A constant image has no
+    range: it keeps its value when that fits 0..255 (black stays black), else mid-grey.
+    """
+    a = a.astype(np.float32, copy=False)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise ImageDecodeError("unsupported_mode", "float image has no finite values")
+    lo = float(a[finite].min())
+    hi = float(a[finite].max())
+    if hi <= lo:
+        value = lo if 0 <= lo <= 255 else 128.0
+        return np.full(a.shape, round(value), dtype=np.uint8)
+    scaled = (a - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    # +inf -> 255, -inf and NaN -> 0.
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
