@@ -53,11 +53,11 @@ def extract_cmd(
 
 def _print_summary(s: ExtractSummary) -> None:
     done = s.embedded + s.reused
-    rate = f"{s.embedded / s.wall_s:.1f} img/s" if s.wall_s > 0 and s.embedded else "-"
+    rate = f", {s.images_per_s:.1f} img/s" if s.embedded else ""
     console.print(
-        f"embedded {s.embedded}, reused {s.reused} (same content), unchanged {s.unchanged}, "
-        f"deleted {s.deleted}, failed {s.n_failed} in {s.wall_s:.1f}s ({rate}); "
-        f"{done} new rows"
+        f"embedded {s.embedded}, reused {s.reused} (same content), skipped {s.unchanged} "
+        f"unchanged, deleted {s.deleted}, failed {s.n_failed}; {done} new rows in "
+        f"{s.wall_s:.1f}s (model load included{rate})"
     )
     if s.failed:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.failed.items()))

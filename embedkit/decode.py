@@ -70,6 +70,16 @@ def decode_file(
     return Decoded("ok", digest, pixels, img.width, img.height, img.n_frames)
 
 
+def _quiet_worker() -> None:
+    """Silence C-level stderr in workers: libtiff prints pages of tag warnings for odd TIFFs.
+
+    Nothing is lost that matters: every per-file problem is recorded as a reason and detail.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _crashed() -> Decoded:
     return Decoded("failed", None, reason="decode_crash", detail="the decoder process died on this file")
 
@@ -96,7 +106,9 @@ class DecodePool:
         _KNOWN_HASHES = self.known_hashes
         # fork: workers inherit _KNOWN_HASHES and the imported modules for free; they only
         # run Pillow and numpy, never torch, so forking a process that has torch loaded is safe.
-        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
+        return ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("fork"), initializer=_quiet_worker
+        )
 
     def __enter__(self) -> DecodePool:
         return self

@@ -45,7 +45,12 @@ class ExtractSummary:
     deleted: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     rows: int = 0  # live embedded rows in the store after the run
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the whole run, model loading included
+    embed_s: float = 0.0  # decoding + forward + commits only
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
 
     @property
     def n_failed(self) -> int:
@@ -61,6 +66,8 @@ class ExtractSummary:
             "failed": dict(self.failed),
             "rows": self.rows,
             "wall_s": round(self.wall_s, 3),
+            "embed_s": round(self.embed_s, 3),
+            "images_per_s": round(self.images_per_s, 2),
         }
 
 
@@ -74,7 +81,7 @@ def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
         "weights_source": backbone.weights_source,
         "weights_sha256": backbone.weights_sha256,
         "random_init": backbone.random_init,
-        "seed": backbone.seed,
+        "seed": getattr(backbone, "seed", 0),
         "preprocess": backbone.preprocess.to_dict(),
         "dim": backbone.dim,
         "normalize": normalize,
@@ -222,6 +229,7 @@ def extract(
                    known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
         bar = ExtractProgress(total=len(tasks), enabled=progress)
+        t_embed = time.perf_counter()
         try:
             with bar, DecodePool(nworkers, backbone.preprocess, known_hashes=known,
                                  max_pixels=max_pixels) as pool:
@@ -233,6 +241,7 @@ def extract(
         finally:
             # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
             writer.commit()
+            summary.embed_s = time.perf_counter() - t_embed
         summary.rows = _count_ok(writer)
     summary.wall_s = time.perf_counter() - t0
     return summary

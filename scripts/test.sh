@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install (if needed), then run the whole test suite, slow real-weights tests included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,210 @@
+"""The extraction run: stored vectors, the hostile corpus, incremental reruns, crashes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, make_photo, tree_mtime_bump
+from PIL import Image
+
+import embedkit.decode
+from embedkit.embed import embed
+from embedkit.errors import InvalidArgumentError, StoreLockedError, StoreMismatchError
+from embedkit.extract import extract
+from embedkit.store import StoreWriter, open_store
+
+
+def _extract(src, store, **kw):
+    kw.setdefault("model", TINY)
+    kw.setdefault("random_init", True)
+    kw.setdefault("workers", 1)
+    return extract([src] if not isinstance(src, list) else src, store, **kw)
+
+
+def test_stored_vectors_equal_embed(photo_dir, tmp_path):
+    s = _extract(photo_dir, tmp_path / "s")
+    assert s.embedded == 7 and s.n_failed == 0
+    store = open_store(tmp_path / "s")
+    assert store.vectors.shape == (7, store.dim)
+    assert store.metadata["random_init"] is True and store.metadata["model"] == TINY
+    imgs = [Image.open(p) for p in store.abspaths]
+    direct = embed(imgs, model=TINY, random_init=True)
+    np.testing.assert_allclose(store.vectors, direct, rtol=1e-4, atol=1e-5)
+    # Width/height are recorded per row.
+    t = store.table.to_pydict()
+    assert set(zip(t["width"], t["height"], strict=True)) == {(96, 72)}
+
+
+def test_corpus_manifest_outcomes(corpus, tmp_path):
+    """Every hostile file behaves as MANIFEST.tsv says, inside one real extract run."""
+    src = tmp_path / "corpus"
+    shutil.copytree(corpus, src)
+    summary = _extract(src, tmp_path / "s", workers=2)
+    store = open_store(tmp_path / "s")
+    rows = {p: (s, r) for p, s, r in zip(store.table["path"].to_pylist(),
+                                          store.table["status"].to_pylist(),
+                                          store.table["reason"].to_pylist(), strict=True)}
+    expected = {}
+    with open(corpus / "MANIFEST.tsv", encoding="utf-8") as f:
+        lines = [ln for ln in f if not ln.startswith("#")]
+    for rec in csv.DictReader(lines, delimiter="\t"):
+        expected[rec["file"]] = rec["expected"]
+    assert set(expected) <= set(rows), set(expected) - set(rows)
+    for name, exp in expected.items():
+        status, reason = rows[name]
+        if exp.startswith("EMBED"):
+            assert status == "ok", (name, status, reason)
+        else:
+            want = re.search(r"reason=([a-z_]+)", exp).group(1)
+            assert (status, reason) == ("failed", want), (name, status, reason)
+    assert summary.n_failed == sum(1 for e in expected.values() if e.startswith("SKIP"))
+    # Orientation: stored sizes are post-transpose.
+    sizes = dict(zip(store.table["path"].to_pylist(),
+                     zip(store.table["width"].to_pylist(), store.table["height"].to_pylist(), strict=True),
+                     strict=True))
+    assert sizes["orientation_rectangle.jpg"] == (1, 2)
+    frames = dict(zip(store.table["path"].to_pylist(), store.table["n_frames"].to_pylist(), strict=True))
+    assert frames["dispose_prev.gif"] == 5
+
+
+def test_unicode_paths_roundtrip(tmp_path):
+    src = tmp_path / "src"
+    name = "名前_фото_🌅/é e\u0301.jpg"  # composed and decomposed forms must both survive
+    make_photo(src / name, 1)
+    _extract(src, tmp_path / "s")
+    store = open_store(tmp_path / "s")
+    assert store.paths == [name]
+    assert os.path.exists(store.abspaths[0])
+
+
+def test_incremental_edit_delete_rename_copy(photo_dir, tmp_path):
+    st = tmp_path / "s"
+    _extract(photo_dir, st)
+    before = open_store(st)
+    v_img1 = before.vectors[before.row_of("img1.jpg")].copy()
+
+    again = _extract(photo_dir, st)
+    assert (again.embedded, again.unchanged, again.reused, again.deleted) == (0, 7, 0, 0)
+
+    make_photo(photo_dir / "img0.jpg", 999)                       # edited content
+    tree_mtime_bump(photo_dir / "img0.jpg")
+    (photo_dir / "img2.jpg").unlink()                            # deleted
+    (photo_dir / "img1.jpg").rename(photo_dir / "renamed.jpg")   # renamed
+    shutil.copy(photo_dir / "img3.jpg", photo_dir / "copy3.jpg")  # copied
+    tree_mtime_bump(photo_dir / "img4.jpg")                      # touched only
+    make_photo(photo_dir / "new.jpg", 555)                       # new
+
+    r = _extract(photo_dir, st)
+    assert r.embedded == 2  # img0 (edited) and new.jpg
+    assert r.reused == 3    # renamed, copy3, touched img4
+    assert r.deleted == 2   # img2 and the old name of img1
+    store = open_store(st)
+    assert sorted(store.paths) == sorted(
+        ["img0.jpg", "renamed.jpg", "img3.jpg", "copy3.jpg", "img4.jpg", "img5.jpg",
+         "sub/deep.png", "new.jpg"])
+    assert len(set(store.ids.tolist())) == len(store.ids)
+    np.testing.assert_array_equal(store.vectors[store.row_of("renamed.jpg")], v_img1)
+    np.testing.assert_array_equal(store.vectors[store.row_of("copy3.jpg")],
+                                  store.vectors[store.row_of("img3.jpg")])
+    assert not np.allclose(store.vectors[store.row_of("img0.jpg")],
+                           before.vectors[before.row_of("img0.jpg")])
+
+
+def test_single_file_runs_do_not_delete_each_other(photo_dir, tmp_path):
+    st = tmp_path / "s"
+    _extract(photo_dir / "img0.jpg", st)
+    _extract(photo_dir / "img1.jpg", st)
+    assert sorted(open_store(st).paths) == ["img0.jpg", "img1.jpg"]
+
+
+def test_model_mismatch_refused(photo_dir, tmp_path):
+    _extract(photo_dir, tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match="test_efficientnet"):
+        _extract(photo_dir, tmp_path / "s", model="test_resnet")
+
+
+def test_concurrent_writer_refused(photo_dir, tmp_path):
+    _extract(photo_dir, tmp_path / "s")
+    meta = open_store(tmp_path / "s").metadata
+    with StoreWriter(tmp_path / "s", meta), pytest.raises(StoreLockedError):
+        _extract(photo_dir, tmp_path / "s")
+
+
+def test_bad_arguments(photo_dir, tmp_path):
+    with pytest.raises(InvalidArgumentError):
+        _extract(tmp_path / "missing", tmp_path / "s")
+    with pytest.raises(InvalidArgumentError):
+        _extract(photo_dir, tmp_path / "s", batch_size=0)
+
+
+def test_decoder_crash_costs_one_file(photo_dir, tmp_path, monkeypatch):
+    """A worker that dies (like a segfault in a codec) fails that file only."""
+    real = embedkit.decode.open_rgb
+
+    def crashing(data, **kw):
+        if isinstance(data, bytes) and data.startswith(b"CRASH"):
+            os._exit(139)
+        return real(data, **kw)
+
+    monkeypatch.setattr(embedkit.decode, "open_rgb", crashing)  # inherited by forked workers
+    (photo_dir / "boom.jpg").write_bytes(b"CRASH" + b"\0" * 100)
+    s = _extract(photo_dir, tmp_path / "s", workers=2)
+    assert s.embedded == 7 and dict(s.failed) == {"decode_crash": 1}
+    store = open_store(tmp_path / "s")
+    assert len(store) == 7
+
+
+def test_list_file_source(photo_dir, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{photo_dir / 'img0.jpg'}\n# comment\n{photo_dir / 'img1.jpg'}\nnot/there.jpg\n")
+    s = _extract(lst, tmp_path / "s")
+    assert s.embedded == 2 and s.failed["not_found"] == 1
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from embedkit.extract import extract
+    extract([sys.argv[1]], sys.argv[2], model="test_efficientnet", random_init=True,
+            workers=1, batch_size=4, commit_every=8)
+""")
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_exactly_once(tmp_path):
+    src = tmp_path / "many"
+    for i in range(160):
+        make_photo(src / f"{i:03d}.jpg", i, size=(320, 240))
+    st = tmp_path / "s"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Kill at several points: during start-up, early, and mid-run.
+    for delay in (0.5, 3.0, 4.5, 6.0):
+        p = subprocess.Popen([sys.executable, str(script), str(src), str(st)], env=env)
+        time.sleep(delay)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        if (st / "manifest.json").exists():
+            store = open_store(st)  # readable after every kill
+            assert len(set(store.paths)) == len(store.paths)
+    done = subprocess.run([sys.executable, str(script), str(src), str(st)], env=env)
+    assert done.returncode == 0
+    store = open_store(st)
+    assert sorted(store.paths) == sorted(f"{i:03d}.jpg" for i in range(160))
+    assert len(set(store.ids.tolist())) == 160 and store.table.num_rows == 160
+    ref = embed([Image.open(src / "000.jpg"), Image.open(src / "159.jpg")], model=TINY,
+                random_init=True)
+    np.testing.assert_allclose(store.vectors[[store.row_of("000.jpg"), store.row_of("159.jpg")]],
+                               ref, rtol=1e-4, atol=1e-5)
