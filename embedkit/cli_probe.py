@@ -138,7 +138,8 @@ class _EpochTable:
 
 
 def _print_evaluation(ev: Evaluation, title: str) -> None:
-    t = Table(title=f"{title}: accuracy {ev.accuracy:.4f} on {ev.n} images", title_justify="left")
+    console.print(f"{title}: accuracy {ev.accuracy:.4f} on {ev.n} images")
+    t = Table()
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for r in ev.per_class:
@@ -227,6 +228,7 @@ def train_cmd(
     else:
         with Live(console=console, refresh_per_second=8, transient=False) as live:
             probe = train_store_probe(store, labels, on_epoch=_EpochTable(live), **options)
+        console.print()
     probe.save(out)
     if json_out:
         print_json(

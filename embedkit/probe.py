@@ -37,7 +37,11 @@ FORMAT = "embedkit.probe/1"
 # default C=1 (wd = 1/(C * n_train)) for 100..10k training rows; 5 points keep the search cheap.
 DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_MAX_EPOCHS = 100  # L-BFGS iterations; scikit-learn's LogisticRegression uses 100 too
-TOLERANCE = 1e-6  # stop when the objective changes less than this (relative) in an epoch
+# Converged when the largest gradient entry is below GRAD_TOLERANCE (scikit-learn's default
+# tol for lbfgs, on the same mean objective) or the objective moves less than TOLERANCE
+# (relative) in an epoch, which is about float32's resolution of a mean over many rows.
+GRAD_TOLERANCE = 1e-4
+TOLERANCE = 1e-6
 MissingLabels = Literal["error", "drop"]
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 EpochCallback = Callable[[float, dict[str, float]], None]
@@ -367,10 +371,13 @@ def _fit_softmax(
             else:
                 row["val_loss"] = row["val_acc"] = float("nan")
             objective = float(cache["loss"])
+            grad_max = float(torch.maximum(cache["gw"].abs().max(), cache["gb"].abs().max()))
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if abs(previous - objective) <= TOLERANCE * max(1.0, abs(objective)):
+        if grad_max <= GRAD_TOLERANCE or abs(previous - objective) <= TOLERANCE * max(
+            1.0, abs(objective)
+        ):
             break
         previous = objective
     return w.detach(), b.detach(), history
