@@ -22,7 +22,8 @@ import torch
 
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .decode import Decoded, DecodePool, default_workers
+from .decode import Decoded, default_workers
+from .engine import Chunk, Engine, LocalEngine
 from .embed import l2_normalize
 from .errors import InvalidArgumentError
 from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
@@ -159,6 +160,7 @@ def extract(
     commit_every: int = 1024,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = False,
+    engine: Engine | None = None,
 ) -> ExtractSummary:
     """Embed every image under ``sources`` into the store at ``store``, incrementally.
 
@@ -176,6 +178,7 @@ def extract(
         commit_every: rows per committed part; a kill loses at most this many rows of work.
         max_pixels: images declaring more pixels are refused as decompression bombs.
         progress: show a progress bar.
+        engine: who decodes and runs the model (default: ``LocalEngine`` on this machine).
 
     Returns:
         An ``ExtractSummary``.
@@ -225,19 +228,15 @@ def extract(
             summary.failed.update(x[2] for x in failures)
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
-        run = _Run(writer, backbone, bs, normalize, commit_every, summary, known_vectors, known,
-                   known_meta)
+        rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
-        bar = ExtractProgress(total=len(tasks), enabled=progress)
+        runner = engine or LocalEngine(backbone, bs, nworkers, max_pixels)
         t_embed = time.perf_counter()
         try:
-            with bar, DecodePool(nworkers, backbone.preprocess, known_hashes=known,
-                                 max_pixels=max_pixels) as pool:
-                for key, result in pool.imap_unordered(tasks, window=max(2 * bs, 4 * max(nworkers, 1))):
-                    f, st = plan.todo[key]
-                    run.take(f, st, result)
-                    bar.advance(1)
-                run.flush()
+            with ExtractProgress(total=len(tasks), enabled=progress) as bar:
+                for chunk in runner.run(tasks, frozenset(known)):
+                    rows.take(chunk, [plan.todo[k] for k in chunk.keys])
+                    bar.advance(len(chunk.keys))
         finally:
             # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
             writer.commit()
@@ -253,56 +252,45 @@ def _count_ok(writer: StoreWriter) -> int:
     return int(pc.sum(pc.equal(live["status"], STATUS_OK)).as_py() or 0)
 
 
-class _Run:
-    """Accumulates decoded files into batches, runs the model, buffers rows, commits."""
+class _Rows:
+    """Turns engine chunks into store rows, and commits every ``commit_every`` rows."""
 
-    def __init__(self, writer: StoreWriter, backbone: Backbone, batch_size: int,
-                 normalize: bool, commit_every: int, summary: ExtractSummary,
-                 known_vectors: np.ndarray, known: dict[str, int],
+    def __init__(self, writer: StoreWriter, normalize: bool, commit_every: int,
+                 summary: ExtractSummary, known_vectors: np.ndarray, known: dict[str, int],
                  known_meta: dict[str, list[Any]]) -> None:
-        self.writer, self.backbone, self.batch_size = writer, backbone, batch_size
-        self.normalize, self.commit_every, self.summary = normalize, commit_every, summary
+        self.writer, self.normalize = writer, normalize
+        self.commit_every, self.summary = commit_every, summary
         self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
-        self.batch: list[tuple[FoundFile, os.stat_result, Decoded]] = []
 
-    def take(self, f: FoundFile, st: os.stat_result, r: Decoded) -> None:
-        common = dict(ids=[row_id(f.root, f.path)], roots=[f.root], paths=[f.path],
-                      content_hash=[r.content_hash], size=[st.st_size], mtime_ns=[st.st_mtime_ns])
-        if r.status == "ok":
-            self.batch.append((f, st, r))
-            if len(self.batch) >= self.batch_size:
-                self.flush()
-        elif r.status == "reuse":
-            assert r.content_hash is not None
-            src = self.known[r.content_hash]
-            w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
-            self.writer.add(**common, status=[STATUS_OK], width=[w], height=[h], n_frames=[nf],
-                            embedding=self.known_vectors[src : src + 1])
-            self.summary.reused += 1
-        else:
-            self.writer.add(**common, status=[STATUS_FAILED], reason=[r.reason], detail=[r.detail])
-            self.summary.failed[r.reason or "decode_error"] += 1
-        self._maybe_commit()
-
-    def flush(self) -> None:
-        if not self.batch:
-            return
-        pixels = torch.from_numpy(np.stack([r.pixels for _, _, r in self.batch]))
-        vectors = self.backbone.forward(pixels)
-        if self.normalize:
-            vectors = l2_normalize(vectors)
-        b = self.batch
-        self.writer.add(
-            ids=[row_id(f.root, f.path) for f, _, _ in b], roots=[f.root for f, _, _ in b],
-            paths=[f.path for f, _, _ in b], content_hash=[r.content_hash for _, _, r in b],
-            size=[st.st_size for _, st, _ in b], mtime_ns=[st.st_mtime_ns for _, st, _ in b],
-            width=[r.width for _, _, r in b], height=[r.height for _, _, r in b],
-            n_frames=[r.n_frames for _, _, r in b], status=[STATUS_OK] * len(b), embedding=vectors,
-        )
-        self.summary.embedded += len(b)
-        self.batch = []
-        self._maybe_commit()
-
-    def _maybe_commit(self) -> None:
+    def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
+        ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
+        if ok:
+            assert chunk.vectors is not None and len(chunk.vectors) == len(ok)
+            vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
+            self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
+            self.summary.embedded += len(ok)
+        for i, r in enumerate(chunk.results):
+            if r.status == "reuse":
+                assert r.content_hash is not None
+                src = self.known[r.content_hash]
+                w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
+                self._add([files[i]], [Decoded("ok", r.content_hash, None, w, h, nf)], STATUS_OK,
+                          self.known_vectors[src : src + 1])
+                self.summary.reused += 1
+            elif r.status == "failed":
+                self._add([files[i]], [r], STATUS_FAILED, None)
+                self.summary.failed[r.reason or "decode_error"] += 1
         if self.writer.pending >= self.commit_every:
             self.writer.commit()
+
+    def _add(self, files: list[tuple[FoundFile, os.stat_result]], results: list[Decoded],
+             status: str, vectors: np.ndarray | None) -> None:
+        self.writer.add(
+            ids=[row_id(f.root, f.path) for f, _ in files], roots=[f.root for f, _ in files],
+            paths=[f.path for f, _ in files], content_hash=[r.content_hash for r in results],
+            size=[st.st_size for _, st in files], mtime_ns=[st.st_mtime_ns for _, st in files],
+            width=[r.width for r in results], height=[r.height for r in results],
+            n_frames=[r.n_frames for r in results], status=[status] * len(files),
+            reason=[r.reason for r in results], detail=[r.detail for r in results],
+            embedding=vectors,
+        )

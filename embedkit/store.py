@@ -46,6 +46,11 @@ METADATA_KEY = b"embedkit"
 # a handful of file opens, and superseded rows stop taking disk space.
 MAX_PARTS = 64
 
+# File descriptors of held store locks. flock belongs to the open file, which forked children
+# share: a child must close these (decode workers do, at start) or it would keep the store
+# locked after its parent is killed.
+HELD_LOCK_FDS: set[int] = set()
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_DELETED = "deleted"
@@ -355,7 +360,10 @@ class StoreWriter:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory; choose another --store")
         if self.path.is_dir() and not (self.path / MANIFEST).exists():
-            stray = [p.name for p in self.path.iterdir() if p.name not in (PARTS_DIR, LOCK_FILE)]
+            # Files a writer creates before its first commit (a run killed that early).
+            ours = (PARTS_DIR, LOCK_FILE, HEAD_FILE)
+            stray = [p.name for p in self.path.iterdir()
+                     if p.name not in ours and not p.name.endswith(".tmp")]
             if stray:
                 raise StoreError(
                     f"{self.path} is a non-empty folder that is not an embedkit store; "
@@ -401,9 +409,11 @@ class StoreWriter:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         self._lock_fd = fd
+        HELD_LOCK_FDS.add(fd)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
+            HELD_LOCK_FDS.discard(self._lock_fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -422,7 +432,7 @@ class StoreWriter:
         return int(self._manifest["version"]) if self._manifest else 0
 
     def committed_rows(self) -> pa.Table:
-        """The committed live view including ``deleted`` tombstones are dropped (for reruns)."""
+        """The committed live view (ok and failed rows, no tombstones), for planning reruns."""
         if self._manifest is None:
             return self._schema.empty_table()
         return live_rows(_read_parts(self.path, self._manifest))
