@@ -6,3 +6,61 @@ The public API is what this module re-exports; everything else is internal.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .backbones import DEFAULT_MODEL, PRESETS, Backbone, imagenet_labels, list_models, load_backbone
+from .classify import classify
+from .embed import backbone_for_store, embed
+from .errors import (
+    EmbedkitError,
+    IndexStateError,
+    InvalidArgumentError,
+    ProbeError,
+    StoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
+from .extract import ExtractSummary, extract
+from .images import FAILURE_REASONS, find_images, open_rgb
+from .info import store_info
+from .knn import knn_classify, knn_evaluate
+from .probe import Probe, load_probe, train_probe, train_store_probe
+from .store import Store, export_store, open_store
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAILURE_REASONS",
+    "PRESETS",
+    "Backbone",
+    "EmbedkitError",
+    "ExtractSummary",
+    "IndexStateError",
+    "InvalidArgumentError",
+    "Probe",
+    "ProbeError",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "WeightsMismatchError",
+    "WeightsUnavailableError",
+    "__version__",
+    "backbone_for_store",
+    "classify",
+    "embed",
+    "export_store",
+    "extract",
+    "find_images",
+    "imagenet_labels",
+    "knn_classify",
+    "knn_evaluate",
+    "list_models",
+    "load_backbone",
+    "load_probe",
+    "open_rgb",
+    "open_store",
+    "store_info",
+    "train_probe",
+    "train_store_probe",
+]

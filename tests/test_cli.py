@@ -1,0 +1,76 @@
+"""The CLI edge: output formats, exit codes, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_extract_info_export_roundtrip(photo_dir, tmp_path):
+    st = str(tmp_path / "s")
+    r = _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init",
+             "--workers", "1", "--json"])
+    summary = json.loads(r.stdout)
+    assert summary["embedded"] == 7 and summary["failed"] == {}
+    info = json.loads(_ok(["info", st, "--json"]).stdout)
+    for key in ("rows", "failed", "dim", "model", "weights_sha256", "random_init"):
+        assert key in info
+    assert info["rows"] == 7 and info["random_init"] is True and info["model"] == TINY
+    text = _ok(["info", st]).stdout
+    assert "random weights" in text
+    out = tmp_path / "all.parquet"
+    _ok(["export", st, str(out)])
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).num_rows == 7
+
+
+def test_models_json():
+    rows = json.loads(_ok(["models", "--json"]).stdout)
+    by = {r["name"]: r for r in rows}
+    assert by["resnet50"]["dim"] == 2048 and by["vgg16"]["dim"] == 4096
+    assert by["efficientnet_lite0"]["weights_available"] is True
+    assert {"name", "dim", "input_size", "weights_available"} <= set(rows[0])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["extract", "/no/such/folder", "--store", "{tmp}/s", "--model", TINY, "--random-init"],
+         "does not exist"),
+        (["extract", "{photos}", "--store", "{tmp}/s", "--model", "resnet_5O"], "resnet"),
+        (["extract", "{photos}", "--store", "{tmp}/s", "--model", "resnet50"], "--weights"),
+        (["extract", "{photos}", "--store", "{tmp}/s", "--device", "tpu", "--model", TINY,
+          "--random-init"], "auto"),
+        (["info", "{tmp}/nothing"], "does not exist"),
+    ],
+)
+def test_user_mistakes_are_one_line_exit_1(args, needle, photo_dir, tmp_path):
+    args = [a.format(tmp=tmp_path, photos=photo_dir) for a in args]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    err = r.stderr.strip()
+    assert err.startswith("error:") and needle in err, err
+    assert len(err.splitlines()) <= 3  # one logical line (rich may wrap at 80 columns)
+
+
+def test_model_mismatch_message_says_what_to_do(photo_dir, tmp_path):
+    st = str(tmp_path / "s")
+    _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init", "--json"])
+    r = runner.invoke(app, ["extract", str(photo_dir), "--store", st, "--model", "test_resnet",
+                            "--random-init"])
+    assert r.exit_code == 1 and "new --store" in " ".join(r.stderr.split())

@@ -1,0 +1,37 @@
+"""Every CLI command has help text and is documented in the README (sqlite-utils habit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer.main
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        path = (*prefix, name)
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, path)
+        else:
+            yield path, cmd
+
+
+def test_every_command_has_help_and_is_in_readme():
+    root = typer.main.get_command(app)
+    commands = list(_commands(root))
+    assert len(commands) >= 4
+    runner = CliRunner()
+    for path, cmd in commands:
+        assert cmd.help and len(cmd.help.strip()) > 20, f"{path} has no help text"
+        r = runner.invoke(app, [*path, "--help"])
+        assert r.exit_code == 0, (path, r.output)
+        assert f"embedkit {' '.join(path)}" in README, f"`embedkit {' '.join(path)}` missing from README"
+        for param in cmd.params:
+            if param.name != "help" and getattr(param, "help", None) is None and not param.hidden:
+                if param.param_type_name == "option":
+                    raise AssertionError(f"option {param.name} of {path} has no help")
