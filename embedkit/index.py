@@ -203,7 +203,7 @@ class Index:
 
     Build with ``Index.build``, reopen with ``Index.load``. ``info`` holds the metadata saved
     beside the index (key, metric, n, dim, tuned search parameters, recall@10, build time,
-    size); ``info["source"]`` is free for the caller (the store fingerprint and version).
+    size); ``info["source"]`` and ``tags`` (named arrays) are the caller's, saved alongside.
     """
 
     def __init__(self, faiss_index: faiss.Index, key: str, metric: Metric) -> None:
@@ -218,6 +218,8 @@ class Index:
         self._exact: _Exact | None = None
         self._selector_refs: tuple[Any, ...] = ()
         self.info: dict[str, Any] = {}
+        # The caller's arrays saved with the index (the store keeps content hashes per id).
+        self.tags: dict[str, np.ndarray] = {}
 
     # -- building ------------------------------------------------------------------------
 
@@ -524,7 +526,8 @@ class Index:
         os.replace(tmp, index_file)
         tmp = d / f".{extra_file.name}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, tombstones=self._tombstones, live=self._live)
+            tags = {f"tag_{name}": arr for name, arr in self.tags.items()}
+            np.savez(f, tombstones=self._tombstones, live=self._live, **tags)
         _fsync(tmp)
         os.replace(tmp, extra_file)
         info = dict(self.info)
@@ -594,6 +597,7 @@ class Index:
             with np.load(d / extra_name) as extra:
                 tombstones = extra["tombstones"].astype(np.int64)
                 live = extra["live"].astype(np.int64)
+                tags = {n[4:]: extra[n] for n in extra.files if n.startswith("tag_")}
         except (RuntimeError, OSError, ValueError, KeyError):
             raise broken(f"file {index_name} cannot be read") from None
         if faiss.try_extract_index_ivf(raw) is None and not isinstance(raw, faiss.IndexIDMap2):
@@ -603,6 +607,7 @@ class Index:
         index = cls(raw, info["key"], info["metric"])
         index._tombstones = tombstones
         index._live = live
+        index.tags = tags
         index.params = {str(k): int(v) for k, v in (info.get("params") or {}).items()}
         index.info = info
         return index

@@ -1,0 +1,410 @@
+"""Search a store: its index under ``STORE/index/``, kept in step with the store, and the
+``search`` verb (queries by image file, stored path or id, or vector; top-k or threshold).
+
+The index records the fingerprint of the store it was built from (model, weights hash,
+preprocessing, dim) and the store version. An index from another model is refused by ``search``
+(``index_store`` rebuilds it); one from an older store version is updated in place (new ids
+added, deleted and changed ids removed) or rebuilt when that is cheaper. Every such decision is
+reported through ``log`` in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import IndexStateError, InvalidArgumentError, StoreError
+from .index import DEFAULT_MAX_MEMORY, METRICS, Index, Metric, choose_index_key
+from .store import Store, open_store
+
+INDEX_DIR = "index"
+# An update touching more than this share of the rows costs about as much as a rebuild, and a
+# rebuild also re-chooses the key and re-tunes recall.
+REBUILD_SHARE = 0.5
+
+Log = Callable[[str], None]
+Action = Literal["built", "rebuilt", "updated", "up to date"]
+
+_logger = logging.getLogger("embedkit")
+
+
+def _default_log(message: str) -> None:
+    _logger.info(message)
+
+
+def _rebuild_hint(store: Store) -> str:
+    return f"rebuild it with `embedkit index {store.path} --rebuild`"
+
+
+def _hash64(hashes: Sequence[str]) -> np.ndarray:
+    """First 64 bits of each sha256 hex content hash: enough to see that a file changed."""
+    return np.array([int(h[:16], 16) if h else 0 for h in hashes], dtype=np.uint64)
+
+
+def _source(store: Store) -> dict[str, Any]:
+    return {"fingerprint": store.fingerprint, "store_version": store.version}
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What ``index_store`` did.
+
+    Attributes:
+        action: ``built``, ``rebuilt``, ``updated`` or ``up to date``.
+        message: one line saying what happened and why.
+        info: the metadata saved beside the index (key, metric, n, dim, params,
+            recall_at_10, build_seconds, size_bytes, source).
+        path: the index directory.
+        index: the index itself, ready to search.
+    """
+
+    action: Action
+    message: str
+    info: dict[str, Any]
+    path: Path
+    index: Index = field(repr=False, compare=False)
+
+
+def _build(
+    store: Store, key: str | None, metric: Metric, max_memory: int
+) -> Index:
+    if len(store.ids) == 0:
+        raise StoreError(f"store {store.path} has no embedded images; run `embedkit extract`")
+    index = Index.build(store.vectors, store.ids, key=key, metric=metric, max_memory=max_memory)
+    index.info["source"] = _source(store)
+    index.info["max_memory"] = max_memory
+    index.tags = {"ids": store.ids.copy(), "hash64": _hash64(store.hashes)}
+    return index
+
+
+def _update(index: Index, store: Store) -> tuple[str, bool] | None:
+    """Bring ``index`` to the store's rows in place; None when a rebuild is cheaper.
+
+    Returns:
+        (summary, changed) or None.
+    """
+    old_ids = index.tags.get("ids", np.zeros(0, np.int64))
+    old_hash = index.tags.get("hash64", np.zeros(0, np.uint64))
+    new_hash = _hash64(store.hashes)
+    added = ~np.isin(store.ids, old_ids)
+    removed = old_ids[~np.isin(old_ids, store.ids)]
+    # same id, different content: the file was replaced
+    order = np.argsort(old_ids)
+    pos = np.clip(np.searchsorted(old_ids[order], store.ids), 0, max(len(old_ids) - 1, 0))
+    changed = ~added & (old_hash[order][pos] != new_hash) if len(old_ids) else added & False
+    touched = int(added.sum() + len(removed) + changed.sum())
+    if touched > REBUILD_SHARE * max(len(store.ids), 1):
+        return None
+    if index.info.get("key_chosen") == "auto":
+        budget = int(index.info.get("max_memory", DEFAULT_MAX_MEMORY))
+        if choose_index_key(len(store.ids), store.dim, budget, index.metric) != index.key:
+            return None  # the collection outgrew its index type
+    if _needs_vectors(index):
+        index.attach_vectors(store.vectors, store.ids)
+    index.remove(np.concatenate([removed, store.ids[changed]]))
+    put = added | changed
+    index.add(store.vectors[put], store.ids[put])
+    index.tags = {"ids": store.ids.copy(), "hash64": new_hash}
+    index.info["source"] = _source(store)
+    index.info["n"] = len(index)
+    summary = f"+{int(added.sum())} new, -{len(removed)} deleted, {int(changed.sum())} changed"
+    return summary, touched > 0
+
+
+def _needs_vectors(index: Index) -> bool:
+    return index.key.endswith("SQ8") or "PQ" in index.key
+
+
+def _describe_foreign(index: Index, store: Store) -> str:
+    old = (index.info.get("source") or {}).get("fingerprint") or {}
+    new = store.fingerprint
+    diffs = [f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    return "; ".join(diffs[:3]) or "unknown origin"
+
+
+def open_index(
+    store: Store,
+    *,
+    metric: Metric = "cosine",
+    log: Log | None = None,
+) -> Index:
+    """The store's index, ready to search: built when missing, updated when the store moved on.
+
+    Raises:
+        IndexStateError: the index was built from another model, or is damaged.
+    """
+    log = log or _default_log
+    directory = store.path / INDEX_DIR
+    if not (directory / "index.json").exists():
+        log(f"no index yet for {store.path}: building one ({len(store.ids)} vectors)")
+        return index_store(store, metric=metric, log=log).index
+    index = Index.load(directory, rebuild_hint=_rebuild_hint(store))
+    source = index.info.get("source") or {}
+    if source.get("fingerprint") != store.fingerprint:
+        raise IndexStateError(
+            f"the index in {directory} was built from another model or preprocessing "
+            f"({_describe_foreign(index, store)}); {_rebuild_hint(store)}"
+        )
+    if _needs_vectors(index):
+        index.attach_vectors(store.vectors, store.ids)
+    if source.get("store_version") != store.version:
+        index = _refresh(index, store, log).index
+    return index
+
+
+def _refresh(index: Index, store: Store, log: Log) -> IndexReport:
+    directory = store.path / INDEX_DIR
+    was = (index.info.get("source") or {}).get("store_version")
+    result = _update(index, store)
+    if result is None:
+        rebuilt = _build(
+            store,
+            None if index.info.get("key_chosen") == "auto" else index.key,
+            index.metric,
+            int(index.info.get("max_memory", DEFAULT_MAX_MEMORY)),
+        )
+        rebuilt.save(directory)
+        message = (
+            f"index was at store version {was}, store is at {store.version}: rebuilt "
+            f"({rebuilt.key}, {len(rebuilt)} vectors, recall@10 {rebuilt.info['recall_at_10']})"
+        )
+        log(message)
+        return _report("rebuilt", message, rebuilt, directory)
+    summary, _ = result
+    index.save(directory)
+    message = (
+        f"index was at store version {was}, store is at {store.version}: updated in place "
+        f"({summary})"
+    )
+    log(message)
+    return _report("updated", message, index, directory)
+
+
+def _report(action: Action, message: str, index: Index, directory: Path) -> IndexReport:
+    return IndexReport(action, message, dict(index.info), directory, index)
+
+
+def index_store(
+    store: str | os.PathLike[str] | Store,
+    *,
+    key: str | None = None,
+    metric: Metric = "cosine",
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    rebuild: bool = False,
+    log: Log | None = None,
+) -> IndexReport:
+    """Build or bring up to date the search index in ``STORE/index/``.
+
+    Args:
+        store: a store directory or an open ``Store``.
+        key: a FAISS factory string; default: ``choose_index_key`` for the store's size.
+        metric: ``cosine`` or ``l2``.
+        max_memory: memory budget in bytes for the automatic key.
+        rebuild: build from scratch even when the index could be updated.
+        log: receives one line per decision (default: the ``embedkit`` logger).
+    """
+    if metric not in METRICS:
+        raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
+    log = log or _default_log
+    st = store if isinstance(store, Store) else open_store(store)
+    directory = st.path / INDEX_DIR
+    reason = ""
+    if (directory / "index.json").exists() and not rebuild:
+        try:
+            index = Index.load(directory, rebuild_hint=_rebuild_hint(st))
+        except IndexStateError as exc:
+            reason = f"the old index was unreadable ({exc})"
+        else:
+            source = index.info.get("source") or {}
+            if source.get("fingerprint") != st.fingerprint:
+                reason = f"the old index came from another model ({_describe_foreign(index, st)})"
+            elif index.metric != metric or (key is not None and key != index.key):
+                reason = f"the old index was {index.key}/{index.metric}"
+            elif int(index.info.get("max_memory", max_memory)) != max_memory and key is None:
+                reason = "the memory budget changed"
+            elif source.get("store_version") == st.version:
+                message = f"index is up to date with store version {st.version}"
+                log(message)
+                return _report("up to date", message, index, directory)
+            else:
+                if _needs_vectors(index):
+                    index.attach_vectors(st.vectors, st.ids)
+                return _refresh(index, st, log)
+    elif rebuild:
+        reason = "--rebuild was asked for"
+    index = _build(st, key, metric, max_memory)
+    index.save(directory)
+    action: Action = "rebuilt" if reason else "built"
+    message = (
+        f"{action} {index.key} index of {len(index)} vectors in "
+        f"{index.info['build_seconds']:.1f}s, recall@10 {index.info['recall_at_10']}"
+        + (f" ({reason})" if reason else "")
+    )
+    log(message)
+    return _report(action, message, index, directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: ``score`` is cosine similarity (or Euclidean distance for an l2 index)."""
+
+    rank: int
+    score: float
+    id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The hits for one query, best first; ``query`` says what was asked."""
+
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+
+
+Query = str | int | os.PathLike[str] | np.ndarray
+
+
+def search(
+    store: str | os.PathLike[str] | Store,
+    queries: Sequence[Query],
+    k: int = 10,
+    threshold: float | None = None,
+    *,
+    vector_files: Sequence[str | os.PathLike[str]] = (),
+    exclude_self: bool = False,
+    device: str = "auto",
+    log: Log | None = None,
+) -> list[QueryResult]:
+    """Find the stored images most similar to each query.
+
+    A query is a stored path (relative or absolute) or id, an image file (embedded with the
+    store's own model and preprocessing), or a vector. ``vector_files`` adds queries from
+    ``.npy`` files of shape (D,) or (N, D).
+
+    Args:
+        store: a store directory or an open ``Store``.
+        queries: the queries, in order.
+        k: results per query (ignored when ``threshold`` is given).
+        threshold: return every result with similarity >= threshold (distance <= threshold
+            for an l2 index) instead of the top k.
+        vector_files: ``.npy`` query vectors.
+        exclude_self: drop the query's own row from results of stored queries.
+        device: for embedding image-file queries.
+        log: receives index maintenance messages.
+
+    Raises:
+        StoreError: a query is neither stored nor a readable image.
+        WeightsUnavailableError: image queries need the store's weights, which are gone.
+        IndexStateError: the index comes from another model.
+    """
+    if threshold is None and k < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
+    st = store if isinstance(store, Store) else open_store(store)
+    labels, vectors = _resolve_queries(st, list(queries), list(vector_files), device)
+    if not labels:
+        raise InvalidArgumentError("give at least one query (an image, a stored path or id, --vector)")
+    index = open_index(st, log=log)
+    # one extra result per query so that dropping the query itself still leaves k
+    extra = 1 if exclude_self else 0
+    if threshold is None:
+        scores, ids = index.search(vectors, k + extra)
+        per_query = [(scores[i], ids[i]) for i in range(len(labels))]
+    else:
+        per_query = index.search_threshold(vectors, threshold)
+    row_by_id = {int(i): n for n, i in enumerate(st.ids)}
+    abspaths = st.abspaths
+    results = []
+    for (label, self_id), (q_scores, q_ids) in zip(labels, per_query, strict=True):
+        hits: list[Hit] = []
+        for score, id_ in zip(q_scores.tolist(), q_ids.tolist(), strict=True):
+            if id_ < 0 or (exclude_self and id_ == self_id):
+                continue
+            row = row_by_id.get(id_)
+            if row is None:  # cannot happen: the index was just brought to the store's rows
+                raise IndexStateError(f"index returned unknown id {id_}; {_rebuild_hint(st)}")
+            hits.append(Hit(len(hits) + 1, float(score), int(id_), abspaths[row]))
+        results.append(QueryResult(label, hits if threshold is not None else hits[:k]))
+    return results
+
+
+def _resolve_queries(
+    store: Store, queries: list[Query], vector_files: list[Any], device: str
+) -> tuple[list[tuple[str, int | None]], np.ndarray]:
+    labels: list[tuple[str, int | None]] = []
+    vectors: list[np.ndarray] = []
+    images: list[tuple[int, str]] = []  # (position, path) to embed in one batch
+    for q in queries:
+        if isinstance(q, np.ndarray):
+            vectors.append(_check_vector(q.reshape(1, -1) if q.ndim == 1 else q, store, "vector"))
+            labels += [("vector", None)] * len(vectors[-1])
+            continue
+        try:
+            row = store.row_of(q if isinstance(q, int) else os.fspath(q))
+        except StoreError:
+            row = None
+        if row is not None:
+            labels.append((os.fspath(q) if not isinstance(q, int) else str(q), int(store.ids[row])))
+            vectors.append(store.vectors[row : row + 1])
+        elif not isinstance(q, int) and os.path.isfile(q):
+            images.append((len(vectors), os.fspath(q)))
+            labels.append((os.fspath(q), None))
+            vectors.append(np.zeros((1, store.dim), np.float32))  # filled below
+        else:
+            raise StoreError(
+                f"query {os.fspath(q) if not isinstance(q, int) else q!r} is neither a stored "
+                f"path or id of {store.path} nor an image file"
+            )
+    for file in vector_files:
+        try:
+            arr = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot read vector file {file}: {exc}") from None
+        arr = _check_vector(arr.reshape(1, -1) if arr.ndim == 1 else arr, store, os.fspath(file))
+        vectors.append(arr)
+        labels += [(os.fspath(file) if len(arr) == 1 else f"{os.fspath(file)}[{i}]", None)
+                   for i in range(len(arr))]
+    if images:
+        embedded = _embed_files(store, [p for _, p in images], device)
+        for (pos, _), vec in zip(images, embedded, strict=True):
+            vectors[pos] = vec[None]
+    if not vectors:
+        return [], np.zeros((0, store.dim), np.float32)
+    return labels, np.concatenate(vectors).astype(np.float32)
+
+
+def _check_vector(arr: np.ndarray, store: Store, what: str) -> np.ndarray:
+    if arr.ndim != 2 or arr.shape[1] != store.dim:
+        raise InvalidArgumentError(
+            f"{what} has shape {arr.shape}; this store's vectors have {store.dim} dimensions"
+        )
+    return arr.astype(np.float32)
+
+
+def _embed_files(store: Store, paths: list[str], device: str) -> np.ndarray:
+    """Embed image files exactly as the store's extraction did (model, weights, preprocessing,
+    normalisation)."""
+    from PIL import Image
+
+    from .embed import backbone_for_store, embed  # torch: only imported for image queries
+
+    pictures = []
+    for p in paths:
+        try:
+            im = Image.open(p)  # embed() applies EXIF orientation, as extraction does
+            im.load()  # also closes a single-frame file
+            pictures.append(im)
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise StoreError(f"cannot read query image {p}: {exc}") from None
+    backbone = backbone_for_store(store, device=device)
+    return embed(pictures, model=backbone, normalize=bool(store.metadata.get("normalize")))
