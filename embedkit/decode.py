@@ -78,11 +78,14 @@ def decode_file(
 def _init_worker() -> None:
     """Set up a forked decode worker.
 
+    - Ignore SIGINT, which a terminal sends to the whole process group.
     - Die with the parent (Linux): a ``kill -9`` of the run must not leave decoders behind.
     - Drop the inherited store-lock descriptors, so only the parent holds the store lock.
     - Silence C-level stderr: libtiff prints pages of tag warnings for odd TIFFs. Nothing
       that matters is lost: every per-file problem is recorded as a reason and detail.
     """
+    # Ctrl-C is the parent's to handle (it commits and exits); workers just get cancelled.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)

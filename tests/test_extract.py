@@ -76,6 +76,17 @@ def test_corpus_manifest_outcomes(corpus, tmp_path):
     assert sizes["orientation_rectangle.jpg"] == (1, 2)
     frames = dict(zip(store.table["path"].to_pylist(), store.table["n_frames"].to_pylist(), strict=True))
     assert frames["dispose_prev.gif"] == 5
+    # Orientation and format twins: each is the other's nearest neighbour among the corpus.
+    v = store.vectors / np.linalg.norm(store.vectors, axis=1, keepdims=True)
+    sim = v @ v.T
+    np.fill_diagonal(sim, -2)
+    for a, b in [("hopper.jpg", "hopper_orientation_6.jpg"),
+                 ("pil_sample_cmyk.jpg", "pil_sample_rgb.jpg")]:
+        ia, ib = store.row_of(a), store.row_of(b)
+        others = [i for i in range(len(store)) if i != ia and store.paths[i] not in (
+            b, "synthetic__unicode_名前_фото_🌅.jpg", "hopper.jpg", "hopper_orientation_6.jpg",
+            "truncated_end_chunk.png")]  # the same hopper pixels as PNG
+        assert sim[ia, ib] > sim[ia, others].max(), (a, b)
 
 
 def test_unicode_paths_roundtrip(tmp_path):
@@ -208,3 +219,30 @@ def test_kill9_then_resume_exactly_once(tmp_path):
                 random_init=True)
     np.testing.assert_allclose(store.vectors[[store.row_of("000.jpg"), store.row_of("159.jpg")]],
                                ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_commits_what_was_embedded(tmp_path):
+    src = tmp_path / "many"
+    for i in range(120):
+        make_photo(src / f"{i:03d}.jpg", i, size=(320, 240))
+    st = tmp_path / "s"
+    cmd = [sys.executable, "-m", "embedkit.cli", "extract", str(src), "--store", str(st),
+           "--model", TINY, "--random-init", "--workers", "1", "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (st / "head.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # mid-run
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived (machine too fast for this test)")
+    assert p.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    partial = open_store(st)
+    assert 0 < len(partial) < 120
+    r = _extract(src, st)
+    assert r.unchanged == len(partial) and r.embedded == 120 - len(partial)
+    assert len(open_store(st)) == 120
