@@ -1,0 +1,165 @@
+"""How many cores this process may really use, and how to split them between decode workers
+and the model's intra-op threads without oversubscribing.
+
+Why it matters: measured on 2 vCPUs, two OpenMP threads while another process keeps a core busy
+make torch 5-40x slower (barrier spin-waits), so the model gets the cores the decode workers do
+not use, never more. ``os.cpu_count()`` is the wrong number in a container: it ignores both the
+CPU affinity mask (``taskset``, ``docker --cpuset-cpus``) and the cgroup CPU quota
+(``docker --cpus``, Kubernetes limits). ``usable_cores`` respects both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidArgumentError
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """The resolved split, recorded next to the vectors it produced.
+
+    Attributes:
+        cores: usable cores (affinity and cgroup quota applied).
+        workers: decode worker processes.
+        intra_op: model threads (torch ``set_num_threads`` / ONNX Runtime intra-op).
+        source: ``policy`` (cores - workers) or ``override`` (``--threads``).
+    """
+
+    cores: int
+    workers: int
+    intra_op: int
+    source: str
+
+    @property
+    def oversubscribed(self) -> bool:
+        """True when busy workers and model threads together exceed the usable cores."""
+        return self.workers + self.intra_op > self.cores
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "cores": self.cores,
+            "workers": self.workers,
+            "intra_op": self.intra_op,
+            "source": self.source,
+        }
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: affinity mask, capped by the cgroup CPU quota (>= 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS, Windows: no affinity API in os
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        # A quota of 1.5 CPUs still lets 2 threads run, each throttled; rounding up keeps the
+        # second core in use and ceil() never gives more than the quota plus one.
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(
+    root: Path = _CGROUP_ROOT,
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> float | None:
+    """The CPU quota in CPUs (``2.0`` = two cores of time per period), or None when unlimited.
+
+    cgroup v2: ``cpu.max`` = ``"QUOTA PERIOD"`` or ``"max PERIOD"``; cgroup v1:
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = unlimited). Every ancestor of this
+    process's cgroup can limit it, so the smallest quota on the path wins.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # v2 unified hierarchy: "0::/path"
+            for d in _ancestors(root, rel):
+                q = _v2_quota(d / "cpu.max")
+                if q is not None:
+                    quotas.append(q)
+        elif "cpu" in controllers.split(","):
+            for mount in (root / "cpu,cpuacct", root / "cpu", root / "cpuacct,cpu"):
+                if mount.is_dir():
+                    for d in _ancestors(mount, rel):
+                        q = _v1_quota(d)
+                        if q is not None:
+                            quotas.append(q)
+                    break
+    return min(quotas) if quotas else None
+
+
+def plan_threads(workers: int, threads: int | None = None, cores: int | None = None) -> ThreadPlan:
+    """Split the usable cores: model threads = cores - decode workers, at least 1.
+
+    Args:
+        workers: decode worker processes (0 = decoding in the model process).
+        threads: explicit model thread count (``--threads``); wins over the policy.
+        cores: usable cores; default ``usable_cores()``.
+
+    Raises:
+        InvalidArgumentError: ``threads`` < 1 or ``workers`` < 0.
+    """
+    if workers < 0:
+        raise InvalidArgumentError(f"workers must be >= 0, got {workers}")
+    if threads is not None and threads < 1:
+        raise InvalidArgumentError(f"threads must be >= 1, got {threads}; omit it for the default")
+    n = usable_cores() if cores is None else max(1, cores)
+    if threads is not None:
+        return ThreadPlan(n, workers, threads, "override")
+    return ThreadPlan(n, workers, max(1, n - workers), "policy")
+
+
+def default_workers(cores: int | None = None) -> int:
+    """Decode workers when the user does not say: usable cores - 1 (one core for the model)."""
+    n = usable_cores() if cores is None else cores
+    return max(1, n - 1)
+
+
+# --- internals ----------------------------------------------------------------------------------
+
+
+def _ancestors(mount: Path, rel: str) -> list[Path]:
+    """``mount/a/b``, ``mount/a``, ``mount``: each level of the cgroup path that exists here."""
+    out = []
+    p = Path(rel.strip() or "/")
+    while True:
+        d = mount / str(p).lstrip("/")
+        if d.is_dir():
+            out.append(d)
+        if p == p.parent:
+            break
+        p = p.parent
+    return out
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or float(period) <= 0:
+        return None
+    return float(quota) / float(period)
+
+
+def _v1_quota(d: Path) -> float | None:
+    try:
+        quota = float((d / "cpu.cfs_quota_us").read_text())
+        period = float((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
