@@ -170,7 +170,9 @@ def duplicates_cmd(
         float,
         typer.Option(help="Cosine similarity at or above which two images are near duplicates."),
     ] = DEFAULT_THRESHOLD,
-    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours looked up per image.")] = DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", min=1, help="Neighbours looked up per image.")
+    ] = DEFAULT_K,
     json_: JsonOpt = False,
     csv_: CsvOpt = False,
 ) -> None:
@@ -198,8 +200,10 @@ def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
                 writer.writerow([n, rank, f"{m.score:.6f}", int(m.exact), m.id, m.path])
     else:
         table = Table()
-        for col, justify in (("group", "right"), ("score", "right"), ("", "left"), ("path", "left")):
-            table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_column("group", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("")
+        table.add_column("path", overflow="fold")
         for n, g in enumerate(groups, 1):
             for rank, m in enumerate(g.members):
                 table.add_row(

@@ -152,7 +152,8 @@ def _group(
     rep = int(rows[0])
     sims = unit @ unit[0]
     sims[0] = 1.0
-    ranked = sorted(zip(rows.tolist(), sims.tolist(), strict=True), key=lambda t: (t[0] != rep, -t[1]))
+    pairs = zip(rows.tolist(), sims.tolist(), strict=True)
+    ranked = sorted(pairs, key=lambda t: (t[0] != rep, -t[1]))
     members = tuple(
         DuplicateMember(
             id=int(ids[r]),

@@ -2,8 +2,8 @@
 
 The index type is a FAISS factory string chosen by ``choose_index_key`` (pure, tested): exact
 search while it is cheap, HNSW while the graph fits the memory budget, inverted files beyond, and
-compressed codes (8-bit scalar or product quantisation) with exact re-ranking when even the raw vectors
-do not fit. The reasoning follows faiss's guidelines (wiki "Guidelines to choose an index",
+compressed codes (8-bit scalar or product quantisation) with exact re-ranking when even the raw
+vectors do not fit. The reasoning follows faiss's guidelines (wiki "Guidelines to choose an index",
 ``contrib/factory_tools.py``) and autofaiss's ``get_optimal_index_keys_v2``.
 
 Results are always store ids: vectors go in with ``add_with_ids``, so row order never matters.
@@ -284,7 +284,11 @@ class Index:
 
     def tune(self, vectors: np.ndarray, ids: np.ndarray, *, seed: int = 0) -> float:
         """Pick the cheapest efSearch / nprobe / re-rank depth reaching recall@10 >= 0.95 on
-        one sample of ``vectors``, then measure recall@10 on another; returns that recall."""
+        one sample of ``vectors``, then measure recall@10 on another; returns that recall.
+
+        The queries are stored vectors, so each one's own row is left out of both the exact and
+        the approximate top 10: finding itself is free and would flatter the recall.
+        """
         rng = np.random.default_rng(seed)
         n = len(vectors)
         order = rng.permutation(n)
@@ -293,14 +297,14 @@ class Index:
             eval_rows = tune_rows
         ladder = self._ladder()
         if len(ladder) > 1:
-            truth = _exact_topk(vectors, ids, vectors[tune_rows], RECALL_K, self.metric)
+            truth = _exact_topk(vectors, ids, vectors[tune_rows], RECALL_K + 1, self.metric)
             for params in ladder:
                 self.params = params
                 if self._recall(vectors, ids, tune_rows, truth) >= RECALL_TARGET:
                     break
         else:
             self.params = ladder[0]
-        truth = _exact_topk(vectors, ids, vectors[eval_rows], RECALL_K, self.metric)
+        truth = _exact_topk(vectors, ids, vectors[eval_rows], RECALL_K + 1, self.metric)
         recall = self._recall(vectors, ids, eval_rows, truth)
         self.info.update(params=self.params, recall_at_10=round(recall, 4),
                          recall_sample=len(eval_rows))
@@ -326,8 +330,15 @@ class Index:
     def _recall(
         self, vectors: np.ndarray, ids: np.ndarray, rows: np.ndarray, truth: np.ndarray
     ) -> float:
-        _, found = self._search_prepared(vectors[rows], RECALL_K)
-        return _recall_at_k(found, truth, vectors, ids, vectors[rows], self.metric)
+        _, found = self._search_prepared(vectors[rows], RECALL_K + 1)
+        if truth.shape[1] < 2:  # a one-vector index: only itself to find
+            return _recall_at_k(found[:, :1], truth, vectors, ids, vectors[rows], self.metric)
+        own = ids[rows]
+        k = min(RECALL_K, truth.shape[1] - 1)
+        return _recall_at_k(
+            _without_own(found, own, k), _without_own(truth, own, k),
+            vectors, ids, vectors[rows], self.metric,
+        )
 
     # -- updating ------------------------------------------------------------------------
 
@@ -356,7 +367,8 @@ class Index:
         clash = np.intersect1d(id_arr, self.ids)
         if len(clash):
             raise InvalidArgumentError(
-                f"{len(clash)} ids are already in the index (e.g. {int(clash[0])}); remove them first"
+                f"{len(clash)} ids are already in the index (e.g. {int(clash[0])}); "
+                "remove them first"
             )
         if len(np.intersect1d(id_arr, self._tombstones)):
             self._compact()  # a re-added id must not be hidden by its own tombstone
@@ -432,7 +444,9 @@ class Index:
             scores = np.sqrt(np.maximum(scores, 0), out=scores, where=np.isfinite(scores))
         return scores, ids
 
-    def search_threshold(self, queries: Any, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    def search_threshold(
+        self, queries: Any, threshold: float
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every result within ``threshold`` per query: similarity >= threshold (cosine) or
         distance <= threshold (l2); a list of ``(scores, ids)`` sorted best first."""
         q = _as_vectors(queries, self.dim)
@@ -626,6 +640,15 @@ def _exact_topk(
     fmetric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     _, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=fmetric)
     return ids[rows]
+
+
+def _without_own(result: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` ids per row other than the row's own query id."""
+    out = np.full((len(result), k), -1, dtype=np.int64)
+    for i, (row, me) in enumerate(zip(result, own, strict=True)):
+        others = row[row != me][:k] if len(row) > 1 else row[:k]
+        out[i, : len(others)] = others
+    return out
 
 
 def _recall_at_k(

@@ -313,7 +313,9 @@ def search(
     st = store if isinstance(store, Store) else open_store(store)
     labels, vectors = _resolve_queries(st, list(queries), list(vector_files), device)
     if not labels:
-        raise InvalidArgumentError("give at least one query (an image, a stored path or id, --vector)")
+        raise InvalidArgumentError(
+            "give at least one query (an image, a stored path or id, --vector)"
+        )
     index = open_index(st, log=log)
     # one extra result per query so that dropping the query itself still leaves k
     extra = 1 if exclude_self else 0

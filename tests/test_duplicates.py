@@ -35,7 +35,7 @@ def test_groups_near_and_exact_copies_and_nothing_else() -> None:
     x, ids, hashes = planted()
     groups = group_duplicates(x, ids, hashes, threshold=0.95)
     as_sets = [{int(m.id) for m in g.members} for g in groups]
-    expected = [set(ids[[0, 1, 2]].tolist()), set(ids[[10, 11]].tolist()), set(ids[[20, 21]].tolist())]
+    expected = [set(ids[rows].tolist()) for rows in ([0, 1, 2], [10, 11], [20, 21])]
     assert sorted(map(sorted, as_sets)) == sorted(map(sorted, expected))
     big = groups[0]
     assert len(big.members) == 3 and big.members[0].id == ids[0]  # earliest row first
