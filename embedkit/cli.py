@@ -5,7 +5,7 @@ Each ``cli_*`` module registers its verbs on the shared app when imported.
 
 from __future__ import annotations
 
-from . import cli_extract, cli_probe  # noqa: F401  (registration)
+from . import cli_extract, cli_probe, cli_search  # noqa: F401  (registration)
 from .cli_app import app
 
 __all__ = ["app"]
