@@ -29,6 +29,8 @@ def extract_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 16 on CPU, 64 on CUDA].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")] = "auto",
+    runtime: Annotated[str, typer.Option(help="torch | onnx | auto (auto: ONNX Runtime on CPU when installed and checked against torch, else torch).")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="Model threads [default: usable cores - decode workers, at least 1].")] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="Store L2-normalised vectors instead of raw pooled features.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -42,7 +44,7 @@ def extract_cmd(
     summary = extract(
         [str(s) for s in sources], store, model=model, weights=weights, random_init=random_init,
         batch_size=batch_size, workers=workers, device=device, normalize=normalize,
-        progress=not json_out,
+        runtime=runtime, threads=threads, progress=not json_out,
     )
     if json_out:
         print_json(summary.to_dict())

@@ -197,9 +197,3 @@ class DecodePool:
                 self.close()
                 result = _crashed()
             yield key, result
-
-
-def default_workers() -> int:
-    """Decode workers when the user does not say: one per usable core, less one for the model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)

@@ -15,9 +15,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .backbones import Backbone
 from .decode import Decoded, DecodePool
 from .images import DEFAULT_MAX_PIXELS
+from .preprocess import Preprocess
 
 
 @dataclass
@@ -35,12 +35,20 @@ class Engine(Protocol):
         ...
 
 
+class Forward(Protocol):
+    """A ``Backbone``, or a ``runtime`` runner (torch or ONNX Runtime) over one."""
+
+    preprocess: Preprocess
+
+    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray: ...
+
+
 class LocalEngine:
     """Decode workers on this machine + the model in this process."""
 
-    def __init__(self, backbone: Backbone, batch_size: int, workers: int,
+    def __init__(self, model: Forward, batch_size: int, workers: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.backbone, self.batch_size = backbone, batch_size
+        self.model, self.batch_size = model, batch_size
         self.workers, self.max_pixels = workers, max_pixels
 
     def run(self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]) -> Iterator[Chunk]:
@@ -49,7 +57,7 @@ class LocalEngine:
         window = max(2 * self.batch_size, 4 * max(self.workers, 1))
         keys: list[int] = []
         results: list[Decoded] = []
-        with DecodePool(self.workers, self.backbone.preprocess, known_hashes=known_hashes,
+        with DecodePool(self.workers, self.model.preprocess, known_hashes=known_hashes,
                         max_pixels=self.max_pixels) as pool:
             for key, r in pool.imap_unordered(tasks, window=window):
                 if r.status != "ok":
@@ -65,7 +73,7 @@ class LocalEngine:
 
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
         pixels = torch.from_numpy(np.stack([r.pixels for r in results]))
-        vectors = self.backbone.forward(pixels)
+        vectors = self.model.forward(pixels)
         # Drop the pixels: they are not needed past this point and a batch of them is MBs.
         slim = [Decoded(r.status, r.content_hash, None, r.width, r.height, r.n_frames) for r in results]
         return Chunk(keys, slim, vectors)

@@ -22,12 +22,14 @@ import torch
 
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .decode import Decoded, default_workers
+from .decode import Decoded
 from .engine import Chunk, Engine, LocalEngine
 from .embed import l2_normalize
 from .errors import InvalidArgumentError
 from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
 from .progress import ExtractProgress
+from .runtime import make_forward
+from .threads import default_workers, plan_threads
 from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id, vectors_of
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the
@@ -86,7 +88,6 @@ def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
         "preprocess": backbone.preprocess.to_dict(),
         "dim": backbone.dim,
         "normalize": normalize,
-        "runtime": "torch",
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
     }
@@ -160,6 +161,8 @@ def extract(
     commit_every: int = 1024,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = False,
+    runtime: str = "auto",
+    threads: int | None = None,
     engine: Engine | None = None,
 ) -> ExtractSummary:
     """Embed every image under ``sources`` into the store at ``store``, incrementally.
@@ -178,6 +181,10 @@ def extract(
         commit_every: rows per committed part; a kill loses at most this many rows of work.
         max_pixels: images declaring more pixels are refused as decompression bombs.
         progress: show a progress bar.
+        runtime: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (ONNX Runtime on CPU
+            when installed and its export matches torch, else torch). Vectors of either
+            runtime are interchangeable within one store.
+        threads: model threads (default: usable cores - decode workers, at least 1).
         engine: who decodes and runs the model (default: ``LocalEngine`` on this machine).
 
     Returns:
@@ -200,8 +207,10 @@ def extract(
     bs = batch_size or (64 if backbone.device.type == "cuda" else 16)
     nworkers = default_workers() if workers is None else workers
     summary = ExtractSummary(store=os.fspath(store))
+    forward = make_forward(backbone, runtime, plan_threads(nworkers, threads).intra_op)
+    metadata = {**store_metadata(backbone, normalize), **forward.metadata()}
 
-    with StoreWriter(store, store_metadata(backbone, normalize)) as writer:
+    with StoreWriter(store, metadata) as writer:
         if backbone.head is not None:
             weight, bias = backbone.head
             writer.save_head(weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
@@ -230,7 +239,7 @@ def extract(
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
-        runner = engine or LocalEngine(backbone, bs, nworkers, max_pixels)
+        runner = engine or LocalEngine(forward, bs, nworkers, max_pixels)
         t_embed = time.perf_counter()
         try:
             with ExtractProgress(total=len(tasks), enabled=progress) as bar:

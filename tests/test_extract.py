@@ -224,7 +224,8 @@ def test_kill9_then_resume_exactly_once(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_commits_what_was_embedded(tmp_path):
     src = tmp_path / "many"
-    for i in range(120):
+    n = 400
+    for i in range(n):
         make_photo(src / f"{i:03d}.jpg", i, size=(320, 240))
     st = tmp_path / "s"
     cmd = [sys.executable, "-m", "embedkit.cli", "extract", str(src), "--store", str(st),
@@ -234,15 +235,15 @@ def test_ctrl_c_commits_what_was_embedded(tmp_path):
     deadline = time.time() + 120
     while not (st / "head.safetensors").exists() and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(2.0)  # mid-run
+    time.sleep(1.0)  # mid-run
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
-    if p.returncode == 0:
+    if p.returncode in (0, -signal.SIGINT) and "embedded 400" in out:
         pytest.skip("the run finished before Ctrl-C arrived (machine too fast for this test)")
     assert p.returncode == 130, (out, err)
     assert "interrupted" in err and "Traceback" not in err
     partial = open_store(st)
-    assert 0 < len(partial) < 120
+    assert 0 < len(partial) < n
     r = _extract(src, st)
-    assert r.unchanged == len(partial) and r.embedded == 120 - len(partial)
-    assert len(open_store(st)) == 120
+    assert r.unchanged == len(partial) and r.embedded == n - len(partial)
+    assert len(open_store(st)) == n
