@@ -33,7 +33,10 @@ Metric = Literal["cosine", "l2"]
 METRICS: tuple[str, ...] = get_args(Metric)
 
 DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes; a fixed default keeps the chosen key reproducible
-RECALL_TARGET = 0.95  # recall@10 against exact search that efSearch / nprobe are tuned to reach
+RECALL_TARGET = 0.95  # recall@10 against exact search that an index must reach
+# Tuning runs on a 500-query sample of stored vectors; unseen (perturbed) queries come out a
+# little lower (0.947 at 100k when tuned to exactly 0.95), so tune with a margin.
+TUNE_TARGET = 0.97
 RECALL_K = 10
 
 # Exact search is cheap while one query costs at most ~50k x 512 multiply-adds (~5 ms on one
@@ -283,7 +286,7 @@ class Index:
         return index
 
     def tune(self, vectors: np.ndarray, ids: np.ndarray, *, seed: int = 0) -> float:
-        """Pick the cheapest efSearch / nprobe / re-rank depth reaching recall@10 >= 0.95 on
+        """Pick the cheapest efSearch / nprobe / re-rank depth reaching ``TUNE_TARGET`` on
         one sample of ``vectors``, then measure recall@10 on another; returns that recall.
 
         The queries are stored vectors, so each one's own row is left out of both the exact and
@@ -300,7 +303,7 @@ class Index:
             truth = _exact_topk(vectors, ids, vectors[tune_rows], RECALL_K + 1, self.metric)
             for params in ladder:
                 self.params = params
-                if self._recall(vectors, ids, tune_rows, truth) >= RECALL_TARGET:
+                if self._recall(vectors, ids, tune_rows, truth) >= TUNE_TARGET:
                     break
         else:
             self.params = ladder[0]
