@@ -1,0 +1,111 @@
+"""On-disk IVF-PQ: recall against exact search, store ids and the live view, the budget choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedkit.errors import IndexStateError, InvalidArgumentError
+from embedkit.index import choose_index_key
+from embedkit.ondisk import OnDiskIndex, choose_backend, ondisk_key, recall_at_k
+from embedkit.store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter
+
+DIM = 32
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int = DIM, k: int = 200) -> np.ndarray:
+    centers = rng.normal(size=(k, dim)).astype(np.float32)
+    return (centers[rng.integers(0, k, n)] + 0.35 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _metadata(dim: int) -> dict:
+    return {"model": "synthetic", "weights_sha256": "0", "random_init": True, "preprocess": {},
+            "dim": dim, "normalize": False}
+
+
+def _write(writer: StoreWriter, ids: np.ndarray, x: np.ndarray) -> None:
+    writer.add(ids=ids.tolist(), roots=["/r"] * len(ids), paths=[f"{i}.jpg" for i in ids],
+               status=[STATUS_OK] * len(ids), embedding=x)
+    writer.commit()
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    """20k live vectors in 3 parts, plus a failed row, a deleted id and a re-embedded id."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("ondisk") / "store"
+    x = clustered(rng, 20_000)
+    ids = np.arange(20_000, dtype=np.int64) * 7 + 3  # store ids are not row numbers
+    with StoreWriter(path, _metadata(DIM)) as w:
+        for s in range(0, 20_000, 8_000):
+            _write(w, ids[s:s + 8_000], x[s:s + 8_000])
+        w.add(ids=[1], roots=["/r"], paths=["bad.jpg"], status=[STATUS_FAILED],
+              reason=["unidentified"])
+        w.add(ids=[int(ids[5])], roots=["/r"], paths=["5.jpg"], status=[STATUS_DELETED])
+        x[6] = clustered(rng, 1)[0]  # id of row 6 re-embedded with a new vector
+        _write(w, ids[6:7], x[6:7])
+    live = np.ones(20_000, bool)
+    live[5] = False
+    return path, ids[live], x[live], int(ids[5])
+
+
+def _exact(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return np.argsort(-(qn @ xn.T), axis=1)[:, :k]
+
+
+def test_recall_store_ids_and_reload(synthetic_store, tmp_path):
+    path, ids, x, deleted = synthetic_store
+    index = OnDiskIndex.build(path, tmp_path / "idx", shard_rows=7_000)
+    # Tune on fresh queries (the default sample is stored vectors, which find themselves).
+    index.tune(queries=clustered(np.random.default_rng(2), 200))
+    assert len(index) == len(ids) == 19_999
+    assert index.info["shards"] == 3 and index.info["key"] == ondisk_key(19_999, DIM)
+    assert (tmp_path / "idx" / "lists.ivfdata").stat().st_size > 0
+    q = clustered(np.random.default_rng(1), 200)  # fresh queries, not stored vectors
+    truth = ids[_exact(x, q, 10)]
+    scores, found = index.search(q, 10)
+    assert recall_at_k(found, truth) >= 0.9
+    assert np.isin(found, ids).all() and deleted not in found
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    # The re-embedded id is found by its new vector (the live view, not the first row);
+    # it is row 5 of the live arrays (row 5 of the original was deleted).
+    _, top = index.search(x[5:6], 1)
+    assert top[0, 0] == ids[5] == 6 * 7 + 3
+    again = OnDiskIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(again.search(q, 10)[1], found)
+    np.testing.assert_array_equal(index.exact(q), truth)
+
+
+def test_l2_metric_and_small_k(synthetic_store, tmp_path):
+    path, ids, x, _ = synthetic_store
+    index = OnDiskIndex.build(path, tmp_path / "l2", metric="l2", key="IVF64,PQ4")
+    q = x[:50] + 0.01
+    dist, found = index.search(q, 3)
+    assert (found[:, 0] == ids[:50]).mean() >= 0.95
+    np.testing.assert_allclose(dist[:, 0], np.linalg.norm(q - x[:50], axis=1), rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_bad_arguments(synthetic_store, tmp_path):
+    path, *_ = synthetic_store
+    with pytest.raises(InvalidArgumentError, match="IVF"):
+        OnDiskIndex.build(path, tmp_path / "x", key="HNSW32")
+    with pytest.raises(IndexStateError):
+        OnDiskIndex.load(tmp_path / "nothing")
+
+
+def test_budget_picks_ondisk_when_ram_index_does_not_fit():
+    gib = 2**30
+    # 100k x 512 floats (200 MB) fit a 4 GiB budget: the in-RAM index, choose_index_key's key.
+    backend, key = choose_backend(100_000, 512, 4 * gib)
+    assert backend == "ram" and key == choose_index_key(100_000, 512, 4 * gib)
+    # 100M x 512: the raw vectors alone are 205 GB; the on-disk index needs only its centroids.
+    backend, key = choose_backend(100_000_000, 512, 4 * gib)
+    assert backend == "ondisk" and key == ondisk_key(100_000_000, 512)
+    assert key == "IVF32768_HNSW32,PQ64"  # 4*sqrt(1e8) rounded to a power of two
+    # 10M x 64 in 2 GiB: a PQ index would fit, but not with the 2.5 GB of vectors it re-ranks.
+    assert choose_backend(10_000_000, 64, 2 * gib)[0] == "ondisk"
+    with pytest.raises(InvalidArgumentError, match="max-memory"):
+        choose_backend(100_000_000, 512, 2**20)
