@@ -39,11 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
 from embedkit.backbones import Backbone, load_backbone  # noqa: E402
-from embedkit.decode import default_workers  # noqa: E402
 from embedkit.engine import LocalEngine  # noqa: E402
 from embedkit.extract import extract  # noqa: E402
 from embedkit.runtime import make_forward  # noqa: E402
-from embedkit.threads import plan_threads, usable_cores  # noqa: E402
+from embedkit.threads import default_workers, plan_threads, usable_cores  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
@@ -342,6 +341,8 @@ def main() -> None:
 
 def extract_section(args: argparse.Namespace, work: Path) -> None:
     backbone = load_backbone(args.model)
+    # Model-only on the runtime extract picks by default, with every core (no decoding).
+    forward = make_forward(backbone, "auto", threads=usable_cores())
     torch.set_num_threads(usable_cores())
     rows = []
     sets = {
@@ -350,7 +351,7 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
     }
     for label, paths in sets.items():
         e2e = end_to_end(paths, args.model, args.batch_size, work)
-        mo = model_only(backbone, max(64, len(paths)), args.batch_size)
+        mo = model_only(forward, max(64, len(paths)), args.batch_size)
         naive = naive_loop(backbone, paths[: min(len(paths), 24)])
         rows.append((label, len(paths), e2e, mo, naive))
 
@@ -367,12 +368,13 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
     cpu = platform.processor() or platform.machine()
     body = "\n".join(
         [
-            f"Model `{args.model}`, batch {args.batch_size}, {default_workers()} decode "
+            f"Model `{args.model}`, extract's default runtime (`{forward.runtime}` here), "
+            f"batch {args.batch_size}, {default_workers()} decode "
             f"worker(s), torch {torch.__version__} on {os.cpu_count()} CPU cores ({cpu}), no GPU. "
             "End-to-end = `embedkit.extract` into a fresh store (find, hash, decode with JPEG "
             "draft, resize/crop in workers, forward, Parquet commit). Model-only = "
-            "`Backbone.forward` on a ready uint8 batch of the same size. Naive = PIL open + full "
-            "decode + timm transform + "
+            "the same runtime's `forward` on a ready uint8 batch of the same size. Naive = PIL "
+            "open + full decode + timm transform + "
             "forward per image (first 24 files). Load average (1/5/15 min) at the end: "
             f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}.",
             "",
