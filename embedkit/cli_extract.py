@@ -31,6 +31,8 @@ def extract_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")] = "auto",
     runtime: Annotated[str, typer.Option(help="torch | onnx | auto (auto: ONNX Runtime on CPU when installed and checked against torch, else torch).")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="Model threads [default: usable cores - decode workers, at least 1].")] = None,
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data on a cluster; needs `pip install embedkit[ray]`).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --engine ray [default: start a local Ray].")] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="Store L2-normalised vectors instead of raw pooled features.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -44,7 +46,7 @@ def extract_cmd(
     summary = extract(
         [str(s) for s in sources], store, model=model, weights=weights, random_init=random_init,
         batch_size=batch_size, workers=workers, device=device, normalize=normalize,
-        runtime=runtime, threads=threads, progress=not json_out,
+        runtime=runtime, threads=threads, engine=engine, address=address, progress=not json_out,
     )
     if json_out:
         print_json(summary.to_dict())

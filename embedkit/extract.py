@@ -34,6 +34,8 @@ from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the
 # environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
+ENGINES = ("local", "ray")
+
 TRANSIENT_REASONS = frozenset({"permission_denied", "decode_crash", "not_found"})
 
 
@@ -163,7 +165,8 @@ def extract(
     progress: bool = False,
     runtime: str = "auto",
     threads: int | None = None,
-    engine: Engine | None = None,
+    engine: Engine | str | None = None,
+    address: str | None = None,
 ) -> ExtractSummary:
     """Embed every image under ``sources`` into the store at ``store``, incrementally.
 
@@ -185,7 +188,10 @@ def extract(
             when installed and its export matches torch, else torch). Vectors of either
             runtime are interchangeable within one store.
         threads: model threads (default: usable cores - decode workers, at least 1).
-        engine: who decodes and runs the model (default: ``LocalEngine`` on this machine).
+        engine: who decodes and runs the model: ``local`` (default: decode workers and the
+            model on this machine), ``ray`` (Ray Data: decode tasks and model actors on a
+            cluster; needs ``embedkit[ray]``), or an ``Engine`` object.
+        address: Ray cluster address for ``engine="ray"`` (default: start or join a local one).
 
     Returns:
         An ``ExtractSummary``.
@@ -198,6 +204,12 @@ def extract(
         raise InvalidArgumentError(f"workers must be >= 0, got {workers}")
     if commit_every < 1:
         raise InvalidArgumentError(f"commit_every must be >= 1, got {commit_every}")
+    if isinstance(engine, str) and engine not in ENGINES:
+        raise InvalidArgumentError(f"unknown engine {engine!r}; use one of {'|'.join(ENGINES)}")
+    if engine == "ray":
+        from .engine_ray import require_ray
+
+        require_ray()  # before any work: a clear message when the extra is missing
     t0 = time.perf_counter()
     found, scan_failures = find_images(sources)
     walked_roots = {os.path.abspath(os.fspath(s)) for s in sources if os.path.isdir(s)}
@@ -207,7 +219,16 @@ def extract(
     bs = batch_size or (64 if backbone.device.type == "cuda" else 16)
     nworkers = default_workers() if workers is None else workers
     summary = ExtractSummary(store=os.fspath(store))
-    forward = make_forward(backbone, runtime, plan_threads(nworkers, threads).intra_op)
+    if engine == "ray":
+        from .engine_ray import RayEngine
+
+        # The driver keeps its backbone for the store metadata and head; actors load their own.
+        engine = RayEngine(model, weights=None if weights is None else os.fspath(weights),
+                           random_init=random_init, batch_size=batch_size, address=address,
+                           max_pixels=max_pixels, preprocess=backbone.preprocess,
+                           weights_sha256=backbone.weights_sha256)
+    forward = make_forward(backbone, "torch" if engine not in (None, "local") else runtime,
+                           plan_threads(nworkers, threads).intra_op)
     metadata = {**store_metadata(backbone, normalize), **forward.metadata()}
 
     with StoreWriter(store, metadata) as writer:
@@ -239,7 +260,8 @@ def extract(
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
-        runner = engine or LocalEngine(forward, bs, nworkers, max_pixels)
+        runner = (LocalEngine(forward, bs, nworkers, max_pixels)
+                  if engine in (None, "local") else engine)
         t_embed = time.perf_counter()
         try:
             with ExtractProgress(total=len(tasks), enabled=progress) as bar:

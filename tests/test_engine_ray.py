@@ -185,3 +185,26 @@ def test_killed_driver_then_resume_exactly_once(ray_address, tmp_path):
     assert sorted(store.paths) == sorted(f"{i:03d}.jpg" for i in range(40))
     _local(src, tmp_path / "local")
     _same_store(st, tmp_path / "local")
+
+
+@needs_ray
+@pytest.mark.slow
+def test_cli_engine_ray_string(ray_address, tmp_path):
+    """`embedkit extract --engine ray --address ADDR` goes through the same store path."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    src = _photos(tmp_path / "photos", 6)
+    r = CliRunner().invoke(app, ["extract", str(src), "--store", str(tmp_path / "s"), "--model",
+                                 TINY, "--random-init", "--engine", "ray", "--address",
+                                 ray_address, "--batch-size", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["embedded"] == 6
+    _local(src, tmp_path / "local")
+    _same_store(tmp_path / "s", tmp_path / "local")
+    bad = CliRunner().invoke(app, ["extract", str(src), "--store", str(tmp_path / "t"),
+                                   "--engine", "spark"])
+    assert bad.exit_code == 1 and "local|ray" in bad.stderr
