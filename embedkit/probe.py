@@ -324,7 +324,8 @@ def _fit_softmax(
     # answers that call without another pass over the data, and gives the trace its train
     # loss/accuracy for free.
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe"
+        [w, b], lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe",
+        tolerance_grad=0.0, tolerance_change=0.0,
     )
     ce = torch.nn.functional.cross_entropy
     cache: dict[str, torch.Tensor] = {}
@@ -355,6 +356,7 @@ def _fit_softmax(
 
     history: list[dict[str, float]] = []
     previous = float("inf")
+    restarted = False
     for epoch in range(1, max_epochs + 1):
         opt.step(closure)
         if not at_cached_point():  # the line search returned an earlier trial point
@@ -376,10 +378,17 @@ def _fit_softmax(
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if grad_max <= GRAD_TOLERANCE or abs(previous - objective) <= TOLERANCE * max(
-            1.0, abs(objective)
-        ):
+        if grad_max <= GRAD_TOLERANCE:
             break
+        if abs(previous - objective) <= TOLERANCE * max(1.0, abs(objective)):
+            # No progress: L-BFGS's curvature history can stall it (it then declines to step)
+            # far from the optimum, so restart it from here once before calling it converged.
+            if restarted:
+                break
+            opt.state.clear()
+            restarted = True
+        else:
+            restarted = False
         previous = objective
     return w.detach(), b.detach(), history
 
