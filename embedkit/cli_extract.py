@@ -26,7 +26,7 @@ def extract_cmd(
     model: Annotated[str, typer.Option(help="Preset (see `embedkit models`) or any timm model name.")] = DEFAULT_MODEL,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file: .safetensors, or a state-dict .pth/.pt (timm or torchvision layout).")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Use random weights on purpose (recorded in the store). Never the default.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 16 on CPU, 64 on CUDA].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 8 torch / 16 ONNX Runtime on CPU, 64 on CUDA].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")] = "auto",
     runtime: Annotated[str, typer.Option(help="torch | onnx | auto (auto: ONNX Runtime on CPU when installed and checked against torch, else torch).")] = "auto",

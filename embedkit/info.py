@@ -38,6 +38,7 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "normalize": bool(md.get("normalize")),
         "preprocess": md.get("preprocess"),
         "runtime": md.get("runtime"),
+        "runtimes": md.get("runtimes") or [md.get("runtime")],
         "version": store.version,
         "parts": len(manifest.get("parts", [])),
         "bytes": size,

@@ -386,7 +386,12 @@ class StoreWriter:
                         f"--model {old['model']} with the same weights"
                     )
                 # Keep the first creation time; everything else describes the current writer.
-                self.metadata["created"] = self._manifest["metadata"].get("created")
+                old_md = self._manifest["metadata"]
+                self.metadata["created"] = old_md.get("created")
+                # Vectors of every runtime ever used stay in the store: keep the list.
+                runtimes = set(old_md.get("runtimes") or [old_md.get("runtime")])
+                runtimes.add(self.metadata.get("runtime"))
+                self.metadata["runtimes"] = sorted(r for r in runtimes if r)
             self._remove_orphans()
         except BaseException:
             self._release_lock()

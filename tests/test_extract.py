@@ -247,3 +247,12 @@ def test_ctrl_c_commits_what_was_embedded(tmp_path):
     r = _extract(src, st)
     assert r.unchanged == len(partial) and r.embedded == n - len(partial)
     assert len(open_store(st)) == n
+
+
+def test_store_records_every_runtime_used(photo_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _extract(photo_dir / "img0.jpg", tmp_path / "s", runtime="torch")
+    assert open_store(tmp_path / "s").metadata["runtimes"] == ["torch"]
+    _extract(photo_dir / "img1.jpg", tmp_path / "s", runtime="onnx")
+    md = open_store(tmp_path / "s").metadata
+    assert md["runtime"] == "onnx" and md["runtimes"] == ["onnx", "torch"]
