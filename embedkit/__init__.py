@@ -1,37 +1,109 @@
 """embedkit: turn image collections into searchable, classifiable vectors.
 
-The public API is what this module re-exports; everything else is internal.
+The public API is what ``__all__`` lists; everything else is internal. Names load on first use
+(PEP 562), so ``import embedkit`` and ``embedkit --help`` do not pay for torch and timm until a
+model is actually needed.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .backbones import DEFAULT_MODEL, PRESETS, Backbone, imagenet_labels, list_models, load_backbone
-from .classify import classify
-from .duplicates import find_duplicates
-from .embed import backbone_for_store, embed
-from .errors import (
-    EmbedkitError,
-    IndexStateError,
-    InvalidArgumentError,
-    ProbeError,
-    StoreError,
-    StoreLockedError,
-    StoreMismatchError,
-    WeightsMismatchError,
-    WeightsUnavailableError,
-)
-from .extract import ExtractSummary, extract
-from .images import FAILURE_REASONS, find_images, open_rgb
-from .index import Index, choose_index_key
-from .info import store_info
-from .knn import knn_classify, knn_evaluate
-from .probe import Probe, load_probe, train_probe, train_store_probe
-from .search import index_store, open_index, search
-from .store import Store, export_store, open_store
+# public name -> the module that defines it
+_EXPORTS = {
+    "make_forward": "runtime",
+    "RuntimeMismatchError": "runtime",
+    "DuplicateMember": "duplicates",
+    "DuplicateGroup": "duplicates",
+    "group_duplicates": "duplicates",
+    "Hit": "search",
+    "QueryResult": "search",
+    "IndexReport": "search",
+    "Backbone": "backbones",
+    "DEFAULT_MODEL": "backbones",
+    "EmbedkitError": "errors",
+    "ExtractSummary": "extract",
+    "FAILURE_REASONS": "images",
+    "Index": "index",
+    "IndexStateError": "errors",
+    "InvalidArgumentError": "errors",
+    "PRESETS": "backbones",
+    "Probe": "probe",
+    "ProbeError": "errors",
+    "Store": "store",
+    "StoreError": "errors",
+    "StoreLockedError": "errors",
+    "StoreMismatchError": "errors",
+    "WeightsMismatchError": "errors",
+    "WeightsUnavailableError": "errors",
+    "backbone_for_store": "embed",
+    "choose_index_key": "index",
+    "classify": "classify",
+    "embed": "embed",
+    "export_store": "store",
+    "extract": "extract",
+    "find_duplicates": "duplicates",
+    "find_images": "images",
+    "imagenet_labels": "backbones",
+    "index_store": "search",
+    "knn_classify": "knn",
+    "knn_evaluate": "knn",
+    "list_models": "backbones",
+    "load_backbone": "backbones",
+    "load_probe": "probe",
+    "open_index": "search",
+    "open_rgb": "images",
+    "open_store": "store",
+    "search": "search",
+    "store_info": "info",
+    "train_probe": "probe",
+    "train_store_probe": "probe",
+}
+
+if TYPE_CHECKING:
+    from .duplicates import DuplicateGroup, DuplicateMember, group_duplicates
+    from .runtime import RuntimeMismatchError, make_forward
+    from .search import Hit, IndexReport, QueryResult
+    from .backbones import Backbone, DEFAULT_MODEL, PRESETS, imagenet_labels, list_models, load_backbone
+    from .classify import classify
+    from .duplicates import find_duplicates
+    from .embed import backbone_for_store, embed
+    from .errors import EmbedkitError, IndexStateError, InvalidArgumentError, ProbeError, StoreError, StoreLockedError, StoreMismatchError, WeightsMismatchError, WeightsUnavailableError
+    from .extract import ExtractSummary, extract
+    from .images import FAILURE_REASONS, find_images, open_rgb
+    from .index import Index, choose_index_key
+    from .info import store_info
+    from .knn import knn_classify, knn_evaluate
+    from .probe import Probe, load_probe, train_probe, train_store_probe
+    from .search import index_store, open_index, search
+    from .store import Store, export_store, open_store
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
+    "make_forward",
+    "RuntimeMismatchError",
+    "DuplicateMember",
+    "DuplicateGroup",
+    "group_duplicates",
+    "Hit",
+    "QueryResult",
+    "IndexReport",
     "DEFAULT_MODEL",
     "FAILURE_REASONS",
     "PRESETS",

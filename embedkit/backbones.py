@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from embedkit.defaults import DEFAULT_MODEL
 from embedkit.errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
 from embedkit.preprocess import Preprocess
 from embedkit.weights import (
@@ -54,7 +55,6 @@ PRESETS: dict[str, int] = {
     "mobilenetv2_100": 1280,
     "mobilenetv1_100": 1024,
 }
-DEFAULT_MODEL = "efficientnet_lite0"
 DEVICES = ("auto", "cpu", "cuda")
 
 # Presets whose weights ship in an installable package: preset -> (distribution, timm arch).

@@ -8,12 +8,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .backbones import DEFAULT_MODEL, list_models
+from typing import TYPE_CHECKING
+
 from .cli_app import app
 from .clikit import console, print_json, run_command
-from .extract import ExtractSummary, extract
+from .defaults import DEFAULT_MODEL
 from .info import store_info
 from .store import export_store
+
+if TYPE_CHECKING:  # torch and timm load in the command, not at --help
+    from .extract import ExtractSummary
 
 
 
@@ -43,6 +47,8 @@ def extract_cmd(
 
     Example: embedkit extract ~/Pictures --store pictures.store
     """
+    from .extract import extract
+
     summary = extract(
         [str(s) for s in sources], store, model=model, weights=weights, random_init=random_init,
         batch_size=batch_size, workers=workers, device=device, normalize=normalize,
@@ -124,6 +130,8 @@ def models_cmd(
 
     Any other timm model name works too (pass --weights FILE, or --random-init).
     """
+    from .backbones import list_models
+
     rows = list_models()
     if json_out:
         print_json(rows)

@@ -12,18 +12,18 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .classify import Prediction, classify
+from typing import TYPE_CHECKING
+
 from .cli_app import app
 from .clikit import console, print_json, run_command
-from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, KnnEvaluation, knn_evaluate
-from .probe import (
-    DEFAULT_MAX_EPOCHS,
-    DEFAULT_WEIGHT_DECAYS,
-    HISTORY_COLUMNS,
-    Evaluation,
-    Probe,
-    train_store_probe,
-)
+from .defaults import DEFAULT_MAX_EPOCHS, DEFAULT_WEIGHT_DECAYS, HISTORY_COLUMNS
+from .defaults import KNN_K as DEFAULT_K
+from .defaults import KNN_TEMPERATURE as DEFAULT_TEMPERATURE
+
+if TYPE_CHECKING:  # the library (torch, scikit-learn) loads in the command, not at --help
+    from .classify import Prediction
+    from .knn import KnnEvaluation
+    from .probe import Evaluation
 
 probe_app = typer.Typer(
     help="Linear probes and k-NN classifiers on stored features, trained on your own labels.",
@@ -105,6 +105,8 @@ def classify_cmd(
 
     Example: embedkit classify --store photos.store cat.jpg
     """
+    from .classify import classify
+
     preds = classify(store=store, images=images or None, top_k=top_k, device=device)
     _print_predictions(preds, json_out, "ImageNet classes")
 
@@ -223,6 +225,8 @@ def train_cmd(
     )
     if weight_decay:
         options["weight_decays"] = weight_decay
+    from .probe import train_store_probe
+
     if json_out:
         probe = train_store_probe(store, labels, **options)
     else:
@@ -283,6 +287,8 @@ def eval_cmd(
 
     Example: embedkit probe eval cats.probe --store photos.store --labels labels.csv
     """
+    from .probe import Probe
+
     ev = Probe.load(probe).evaluate_store(
         store, labels, split=split.value, missing=missing.value if missing else None
     )
@@ -311,6 +317,8 @@ def predict_cmd(
 
     Example: embedkit probe predict cats.probe --store photos.store new.jpg
     """
+    from .probe import Probe
+
     preds = Probe.load(probe).classify(
         store=store, images=images or None, top_k=top_k, device=device
     )
@@ -342,6 +350,8 @@ def knn_cmd(
 
     Example: embedkit probe knn --store photos.store --labels labels.csv --probe cats.probe
     """
+    from .knn import knn_evaluate
+
     r: KnnEvaluation = knn_evaluate(
         store,
         labels,

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
+from .defaults import KNN_K, KNN_TEMPERATURE
 from .errors import InvalidArgumentError, ProbeError
 from .probe import Evaluation, MissingLabels, Probe, labelled_features, split_rows
 
 if TYPE_CHECKING:
     from .store import Store
 
-DEFAULT_K = 20
-DEFAULT_TEMPERATURE = 0.07
+DEFAULT_K = KNN_K
+DEFAULT_TEMPERATURE = KNN_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -27,24 +27,21 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from .classify import Prediction, embed_image_files, rank_top_k, resolve_store, softmax
+from .defaults import DEFAULT_MAX_EPOCHS, DEFAULT_WEIGHT_DECAYS, HISTORY_COLUMNS
 from .errors import InvalidArgumentError, ProbeError, StoreError
 
 if TYPE_CHECKING:
     from .store import Store
 
 FORMAT = "embedkit.probe/1"
-# Mean cross-entropy + wd/2 * ||W||^2 on standardised features. 1e-4..1e-2 covers sklearn's
-# default C=1 (wd = 1/(C * n_train)) for 100..10k training rows; 5 points keep the search cheap.
-DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_MAX_EPOCHS = 100  # L-BFGS iterations; scikit-learn's LogisticRegression uses 100 too
-# Converged when the largest gradient entry is below GRAD_TOLERANCE (scikit-learn's default
+# Objective: mean cross-entropy + wd/2 * ||W||^2 on standardised features (wd grid in
+# defaults.py). Converged when the largest gradient entry is below GRAD_TOLERANCE (scikit-learn's default
 # tol for lbfgs, on the same mean objective), or when an epoch no longer moves the objective
 # (TOLERANCE, relative: below float32 resolution, so only a true stall stops the run; a looser
 # 1e-6 stopped slow-but-progressing runs early and cost 1 point on digits).
 GRAD_TOLERANCE = 1e-4
 TOLERANCE = 1e-8
 MissingLabels = Literal["error", "drop"]
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 EpochCallback = Callable[[float, dict[str, float]], None]
 
 

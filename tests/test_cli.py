@@ -74,3 +74,14 @@ def test_model_mismatch_message_says_what_to_do(photo_dir, tmp_path):
     r = runner.invoke(app, ["extract", str(photo_dir), "--store", st, "--model", "test_resnet",
                             "--random-init"])
     assert r.exit_code == 1 and "new --store" in " ".join(r.stderr.split())
+
+
+def test_help_and_info_do_not_load_torch():
+    """`embedkit --help` and `info` stay fast: the models load only in commands that use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from embedkit.cli import app; import embedkit; "
+            "print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
