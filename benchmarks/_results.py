@@ -15,5 +15,9 @@ def write_section(key: str, title: str, body: str) -> None:
     section = f"<!-- {key}:begin -->\n## {title}\n\nMeasured {stamp}.\n\n{body}\n<!-- {key}:end -->"
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"<!-- {key}:begin -->.*?<!-- {key}:end -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
     RESULTS.write_text(text, encoding="utf-8")

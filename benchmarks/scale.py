@@ -48,21 +48,33 @@ def write_store(path: Path, n: int, dim: int, seed: int) -> float:
 
     shutil.rmtree(path, ignore_errors=True)
     c = centers(dim, seed)
-    meta = {"model": "synthetic", "weights_sha256": "0", "random_init": True, "preprocess": {},
-            "dim": dim, "normalize": False}
+    meta = {
+        "model": "synthetic",
+        "weights_sha256": "0",
+        "random_init": True,
+        "preprocess": {},
+        "dim": dim,
+        "normalize": False,
+    }
     t = time.perf_counter()
     with StoreWriter(path, meta) as w:
         for s in range(0, n, CHUNK):
             m = min(CHUNK, n - s)
             ids = np.arange(s, s + m, dtype=np.int64) * 2 + 1  # ids are not row numbers
-            w.add(ids=ids, roots=["/synthetic"] * m, paths=[f"{i}.jpg" for i in range(s, s + m)],
-                  status=[STATUS_OK] * m, embedding=sample(c, m, seed + 1 + s // CHUNK))
+            w.add(
+                ids=ids,
+                roots=["/synthetic"] * m,
+                paths=[f"{i}.jpg" for i in range(s, s + m)],
+                status=[STATUS_OK] * m,
+                embedding=sample(c, m, seed + 1 + s // CHUNK),
+            )
             w.commit()
     return time.perf_counter() - t
 
 
-def build_and_search(store: Path, out: Path, dim: int, seed: int, queries: int,
-                     shard_rows: int, key: str | None) -> dict:
+def build_and_search(
+    store: Path, out: Path, dim: int, seed: int, queries: int, shard_rows: int, key: str | None
+) -> dict:
     """Runs in the child process: its peak RSS is what the build and searches needed."""
     from embedkit.ondisk import OnDiskIndex, build_seconds, recall_at_k
 
@@ -89,12 +101,23 @@ def build_and_search(store: Path, out: Path, dim: int, seed: int, queries: int,
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     disk = {p.name: p.stat().st_size for p in out.iterdir()}
     return {
-        "key": index.info["key"], "n": index.n, "dim": dim, "shards": index.info["shards"],
-        "train_size": index.info["train_size"], "phases": index.info["build"],
-        "build_s": build_s, "build_phases_s": build_seconds(index.info), "tune_s": tune_s,
-        "params": index.params, "recall_at_10": recall_at_k(found, truth),
-        "queries": queries, "qps_batch": queries / batch_s, "ms_single": 1000 * single_s,
-        "exact_scan_qps": queries / exact_s, "peak_rss": rss, "disk": disk,
+        "key": index.info["key"],
+        "n": index.n,
+        "dim": dim,
+        "shards": index.info["shards"],
+        "train_size": index.info["train_size"],
+        "phases": index.info["build"],
+        "build_s": build_s,
+        "build_phases_s": build_seconds(index.info),
+        "tune_s": tune_s,
+        "params": index.params,
+        "recall_at_10": recall_at_k(found, truth),
+        "queries": queries,
+        "qps_batch": queries / batch_s,
+        "ms_single": 1000 * single_s,
+        "exact_scan_qps": queries / exact_s,
+        "peak_rss": rss,
+        "disk": disk,
     }
 
 
@@ -116,8 +139,9 @@ def main() -> None:
         args.n, args.shard_rows = 200_000, 50_000
     store, out = args.work / "store", args.work / "index"
     if args.child:
-        res = build_and_search(store, out, args.dim, args.seed, args.queries, args.shard_rows,
-                               args.key)
+        res = build_and_search(
+            store, out, args.dim, args.seed, args.queries, args.shard_rows, args.key
+        )
         print(json.dumps(res))
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -125,9 +149,23 @@ def main() -> None:
     write_s = write_store(store, args.n, args.dim, args.seed)
     store_bytes = sum(p.stat().st_size for p in (store / "parts").iterdir())
     print(f"  {write_s:.0f} s, {store_bytes / 1e9:.2f} GB of parts", flush=True)
-    child = [sys.executable, __file__, "--child", "--n", str(args.n), "--dim", str(args.dim),
-             "--queries", str(args.queries), "--shard-rows", str(args.shard_rows),
-             "--work", str(args.work), "--seed", str(args.seed)]
+    child = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--n",
+        str(args.n),
+        "--dim",
+        str(args.dim),
+        "--queries",
+        str(args.queries),
+        "--shard-rows",
+        str(args.shard_rows),
+        "--work",
+        str(args.work),
+        "--seed",
+        str(args.seed),
+    ]
     if args.key:
         child += ["--key", args.key]
     if args.quick:
@@ -143,8 +181,11 @@ def main() -> None:
     if not args.no_write:
         from _results import write_section
 
-        write_section("scale", "Search past RAM: on-disk IVF-PQ (`benchmarks/scale.py`)",
-                      report(r, args.quick))
+        write_section(
+            "scale",
+            "Search past RAM: on-disk IVF-PQ (`benchmarks/scale.py`)",
+            report(r, args.quick),
+        )
 
 
 def report(r: dict, quick: bool) -> str:

@@ -94,7 +94,7 @@ def bench_search(n: int, dim: int, seed: int = 0) -> tuple[dict, np.ndarray, np.
     t = time.perf_counter()
     _, found = index.search(q, 10)
     qps = len(q) / (time.perf_counter() - t)
-    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, truth_all)])
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, truth_all, strict=False)])
     row = {
         "n": n,
         "dim": dim,
@@ -130,7 +130,7 @@ def bench_duplicates(x: np.ndarray, ids: np.ndarray, index: Index, seed: int = 0
     t = time.perf_counter()
     groups = group_duplicates(all_x, all_ids, hashes, 0.95, k=10, index=index)
     seconds = time.perf_counter() - t
-    pair_of = {int(a): int(b) for a, b in zip(new_ids, ids[src])}
+    pair_of = {int(a): int(b) for a, b in zip(new_ids, ids[src], strict=False)}
     found = 0
     for g in groups:
         members = {m.id for m in g.members}

@@ -64,21 +64,36 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .duplicates import DuplicateGroup, DuplicateMember, group_duplicates
-    from .runtime import RuntimeMismatchError, make_forward
-    from .search import Hit, IndexReport, QueryResult
-    from .backbones import Backbone, DEFAULT_MODEL, PRESETS, imagenet_labels, list_models, load_backbone
+    from .backbones import (
+        DEFAULT_MODEL,
+        PRESETS,
+        Backbone,
+        imagenet_labels,
+        list_models,
+        load_backbone,
+    )
     from .classify import classify
-    from .duplicates import find_duplicates
+    from .duplicates import DuplicateGroup, DuplicateMember, find_duplicates, group_duplicates
     from .embed import backbone_for_store, embed
-    from .errors import EmbedkitError, IndexStateError, InvalidArgumentError, ProbeError, StoreError, StoreLockedError, StoreMismatchError, WeightsMismatchError, WeightsUnavailableError
+    from .errors import (
+        EmbedkitError,
+        IndexStateError,
+        InvalidArgumentError,
+        ProbeError,
+        StoreError,
+        StoreLockedError,
+        StoreMismatchError,
+        WeightsMismatchError,
+        WeightsUnavailableError,
+    )
     from .extract import ExtractSummary, extract
     from .images import FAILURE_REASONS, find_images, open_rgb
     from .index import Index, choose_index_key
     from .info import store_info
     from .knn import knn_classify, knn_evaluate
     from .probe import Probe, load_probe, train_probe, train_store_probe
-    from .search import index_store, open_index, search
+    from .runtime import RuntimeMismatchError, make_forward
+    from .search import Hit, IndexReport, QueryResult, index_store, open_index, search
     from .store import Store, export_store, open_store
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
-
-from typing import TYPE_CHECKING
 
 from .cli_app import app
 from .clikit import console, print_json, run_command
@@ -20,25 +18,84 @@ if TYPE_CHECKING:  # torch and timm load in the command, not at --help
     from .extract import ExtractSummary
 
 
-
-
 @app.command("extract")
 @run_command
 def extract_cmd(
-    sources: Annotated[list[Path], typer.Argument(help="Folders (recursive), image files, or .txt/.csv lists of paths.", show_default=False)],
-    store: Annotated[Path, typer.Option("--store", "-s", help="Store directory; created if missing, updated incrementally if it exists.")],
-    model: Annotated[str, typer.Option(help="Preset (see `embedkit models`) or any timm model name.")] = DEFAULT_MODEL,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file: .safetensors, or a state-dict .pth/.pt (timm or torchvision layout).")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Use random weights on purpose (recorded in the store). Never the default.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 8 torch / 16 ONNX Runtime on CPU, 64 on CUDA].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")] = "auto",
-    runtime: Annotated[str, typer.Option(help="torch | onnx | auto (auto: ONNX Runtime on CPU when installed and checked against torch, else torch).")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="Model threads [default: usable cores - decode workers, at least 1].")] = None,
-    engine: Annotated[str, typer.Option(help="local | ray (Ray Data on a cluster; needs `pip install embedkit[ray]`).")] = "local",
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --engine ray [default: start a local Ray].")] = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Store L2-normalised vectors instead of raw pooled features.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Folders (recursive), image files, or .txt/.csv lists of paths.",
+            show_default=False,
+        ),
+    ],
+    store: Annotated[
+        Path,
+        typer.Option(
+            "--store",
+            "-s",
+            help="Store directory; created if missing, updated incrementally if it exists.",
+        ),
+    ],
+    model: Annotated[
+        str, typer.Option(help="Preset (see `embedkit models`) or any timm model name.")
+    ] = DEFAULT_MODEL,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights file: .safetensors, or a state-dict .pth/.pt (timm or torchvision "
+            "layout)."
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="Use random weights on purpose (recorded in the store). Never the default.",
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per forward pass [default: 8 torch / 16 ONNX Runtime on CPU, 64 on CUDA]."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")
+    ] = "auto",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="torch | onnx | auto (auto: ONNX Runtime on CPU when installed and checked "
+            "against torch, else torch)."
+        ),
+    ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Model threads [default: usable cores - decode workers, at least 1]."),
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local | ray (Ray Data on a cluster; needs `pip install embedkit[ray]`)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address for --engine ray [default: start a local Ray]."),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize", help="Store L2-normalised vectors instead of raw pooled features."
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the run summary as JSON.")
+    ] = False,
 ) -> None:
     """Embed images into a Parquet store (incremental, crash-safe; rerun to resume).
 
@@ -50,9 +107,20 @@ def extract_cmd(
     from .extract import extract
 
     summary = extract(
-        [str(s) for s in sources], store, model=model, weights=weights, random_init=random_init,
-        batch_size=batch_size, workers=workers, device=device, normalize=normalize,
-        runtime=runtime, threads=threads, engine=engine, address=address, progress=not json_out,
+        [str(s) for s in sources],
+        store,
+        model=model,
+        weights=weights,
+        random_init=random_init,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        normalize=normalize,
+        runtime=runtime,
+        threads=threads,
+        engine=engine,
+        address=address,
+        progress=not json_out,
     )
     if json_out:
         print_json(summary.to_dict())
@@ -78,17 +146,35 @@ def _print_info(info: dict) -> None:
     t = Table(title=f"store {info['store']}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
-    for key in ("rows", "failed", "dim", "model", "weights_source", "weights_sha256",
-                "random_init", "normalize", "version", "parts", "bytes", "updated"):
+    for key in (
+        "rows",
+        "failed",
+        "dim",
+        "model",
+        "weights_source",
+        "weights_sha256",
+        "random_init",
+        "normalize",
+        "version",
+        "parts",
+        "bytes",
+        "updated",
+    ):
         value = info[key]
         if key == "random_init" and value:
             value = "[bold red]True (random weights: vectors carry no meaning)[/]"
         t.add_row(key, str(value))
     if info["failed_by_reason"]:
-        t.add_row("failed by reason", ", ".join(f"{k} {v}" for k, v in sorted(info["failed_by_reason"].items())))
+        t.add_row(
+            "failed by reason",
+            ", ".join(f"{k} {v}" for k, v in sorted(info["failed_by_reason"].items())),
+        )
     pp = info["preprocess"] or {}
-    t.add_row("preprocess", f"{pp.get('size')} crop {pp.get('crop_pct')} {pp.get('interpolation')} "
-              f"mean {pp.get('mean')} std {pp.get('std')}")
+    t.add_row(
+        "preprocess",
+        f"{pp.get('size')} crop {pp.get('crop_pct')} {pp.get('interpolation')} "
+        f"mean {pp.get('mean')} std {pp.get('std')}",
+    )
     console.print(t)
 
 
@@ -96,7 +182,13 @@ def _print_info(info: dict) -> None:
 @run_command
 def info_cmd(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (keys: rows, failed, dim, model, weights_sha256, random_init, ...).")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print JSON (keys: rows, failed, dim, model, weights_sha256, random_init, ...).",
+        ),
+    ] = False,
 ) -> None:
     """Show what a store holds and how it was made (model, weights, preprocessing, failures)."""
     info = store_info(store)
@@ -124,7 +216,9 @@ def export_cmd(
 @app.command("models")
 @run_command
 def models_cmd(
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON: name, dim, input_size, weights_available.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON: name, dim, input_size, weights_available.")
+    ] = False,
 ) -> None:
     """List the model presets, their vector size, and whether weights are on this machine.
 
@@ -138,6 +232,11 @@ def models_cmd(
         return
     t = Table("model", "dim", "input", "weights here", "source")
     for r in rows:
-        t.add_row(r["name"], str(r["dim"]), "x".join(map(str, r["input_size"][1:])),
-                  "yes" if r["weights_available"] else "no", str(r.get("source") or "-"))
+        t.add_row(
+            r["name"],
+            str(r["dim"]),
+            "x".join(map(str, r["input_size"][1:])),
+            "yes" if r["weights_available"] else "no",
+            str(r.get("source") or "-"),
+        )
     console.print(t)

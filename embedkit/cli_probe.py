@@ -6,13 +6,11 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
 from rich.table import Table
-
-from typing import TYPE_CHECKING
 
 from .cli_app import app
 from .clikit import console, print_json, run_command

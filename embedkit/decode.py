@@ -71,7 +71,9 @@ def decode_file(
     except ImageDecodeError as exc:
         return Decoded("failed", digest, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one file, not the run
-        return Decoded("failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}")
+        return Decoded(
+            "failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}"
+        )
     return Decoded("ok", digest, pixels, img.width, img.height, img.n_frames)
 
 
@@ -102,7 +104,9 @@ def _init_worker() -> None:
 
 
 def _crashed() -> Decoded:
-    return Decoded("failed", None, reason="decode_crash", detail="the decoder process died on this file")
+    return Decoded(
+        "failed", None, reason="decode_crash", detail="the decoder process died on this file"
+    )
 
 
 class DecodePool:
@@ -142,7 +146,9 @@ class DecodePool:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    def imap_unordered(self, tasks: Iterable[tuple[int, str]], window: int) -> Iterator[tuple[int, Decoded]]:
+    def imap_unordered(
+        self, tasks: Iterable[tuple[int, str]], window: int
+    ) -> Iterator[tuple[int, Decoded]]:
         """Yield ``(key, Decoded)`` for ``(key, abspath)`` tasks, at most ``window`` in flight."""
         if self.workers <= 0:  # in-process decoding: no isolation, for debugging
             global _KNOWN_HASHES
@@ -192,7 +198,9 @@ class DecodePool:
             if self._executor is None:
                 self._executor = self._new_executor()
             try:
-                result = self._executor.submit(decode_file, path, self.preprocess, self.max_pixels).result()
+                result = self._executor.submit(
+                    decode_file, path, self.preprocess, self.max_pixels
+                ).result()
             except BrokenProcessPool:
                 self.close()
                 result = _crashed()

@@ -76,7 +76,9 @@ def embed(
         else load_backbone(model, weights=weights, random_init=random_init, device=device)
     )
     pp = backbone.preprocess
-    vectors = forward_batches(backbone, (pp.to_uint8(rgb_from_pil(im)) for im in images), batch_size)
+    vectors = forward_batches(
+        backbone, (pp.to_uint8(rgb_from_pil(im)) for im in images), batch_size
+    )
     return l2_normalize(vectors) if normalize else vectors
 
 

@@ -30,7 +30,9 @@ class Chunk:
 
 
 class Engine(Protocol):
-    def run(self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]) -> Iterator[Chunk]:
+    def run(
+        self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
+    ) -> Iterator[Chunk]:
         """Yield chunks covering every task exactly once."""
         ...
 
@@ -46,19 +48,26 @@ class Forward(Protocol):
 class LocalEngine:
     """Decode workers on this machine + the model in this process."""
 
-    def __init__(self, model: Forward, batch_size: int, workers: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, model: Forward, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.model, self.batch_size = model, batch_size
         self.workers, self.max_pixels = workers, max_pixels
 
-    def run(self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]) -> Iterator[Chunk]:
+    def run(
+        self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
+    ) -> Iterator[Chunk]:
         # Enough files in flight to fill the next batch while this one runs, and to keep
         # every worker busy.
         window = max(2 * self.batch_size, 4 * max(self.workers, 1))
         keys: list[int] = []
         results: list[Decoded] = []
-        with DecodePool(self.workers, self.model.preprocess, known_hashes=known_hashes,
-                        max_pixels=self.max_pixels) as pool:
+        with DecodePool(
+            self.workers,
+            self.model.preprocess,
+            known_hashes=known_hashes,
+            max_pixels=self.max_pixels,
+        ) as pool:
             for key, r in pool.imap_unordered(tasks, window=window):
                 if r.status != "ok":
                     yield Chunk([key], [r], None)
@@ -75,5 +84,7 @@ class LocalEngine:
         pixels = torch.from_numpy(np.stack([r.pixels for r in results]))
         vectors = self.model.forward(pixels)
         # Drop the pixels: they are not needed past this point and a batch of them is MBs.
-        slim = [Decoded(r.status, r.content_hash, None, r.width, r.height, r.n_frames) for r in results]
+        slim = [
+            Decoded(r.status, r.content_hash, None, r.width, r.height, r.n_frames) for r in results
+        ]
         return Chunk(keys, slim, vectors)

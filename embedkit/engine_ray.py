@@ -49,17 +49,19 @@ CPU_BATCH, GPU_BATCH = 16, 64
 # Retries of a decode task / model batch whose worker died (OOM killer, a codec segfault).
 DECODE_RETRIES = 2
 
-_RESULT_SCHEMA = pa.schema([
-    ("key", pa.int64()),
-    ("status", pa.string()),
-    ("content_hash", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("n_frames", pa.int32()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("pixels", pa.binary()),  # uint8 (H, W, 3) bytes when ok, empty otherwise
-])
+_RESULT_SCHEMA = pa.schema(
+    [
+        ("key", pa.int64()),
+        ("status", pa.string()),
+        ("content_hash", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_frames", pa.int32()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("pixels", pa.binary()),  # uint8 (H, W, 3) bytes when ok, empty otherwise
+    ]
+)
 
 
 def require_ray() -> Any:
@@ -75,8 +77,9 @@ def require_ray() -> Any:
     return ray
 
 
-def _decode_block(batch: pa.Table, preprocess: Preprocess, max_pixels: int,
-                  known: frozenset[str]) -> pa.Table:
+def _decode_block(
+    batch: pa.Table, preprocess: Preprocess, max_pixels: int, known: frozenset[str]
+) -> pa.Table:
     """Ray map task: decode every file of a block (never raises for a bad file)."""
     # decode_file skips files whose content hash is already stored ("reuse").
     decode._KNOWN_HASHES = known
@@ -93,12 +96,20 @@ def _decode_block(batch: pa.Table, preprocess: Preprocess, max_pixels: int,
 class Embedder:
     """Ray actor: loads the backbone once, embeds the ``ok`` rows of each batch it is given."""
 
-    def __init__(self, model: str, weights: str | None, random_init: bool, seed: int,
-                 weights_sha256: str | None, device: str) -> None:
+    def __init__(
+        self,
+        model: str,
+        weights: str | None,
+        random_init: bool,
+        seed: int,
+        weights_sha256: str | None,
+        device: str,
+    ) -> None:
         from .backbones import load_backbone
 
-        self.backbone = load_backbone(model, weights=weights, random_init=random_init,
-                                      device=device, seed=seed)
+        self.backbone = load_backbone(
+            model, weights=weights, random_init=random_init, device=device, seed=seed
+        )
         if weights_sha256 is not None and self.backbone.weights_sha256 != weights_sha256:
             # A node with a different weights file would silently write other vectors.
             raise WeightsMismatchError(
@@ -116,8 +127,9 @@ class Embedder:
         emb: list[bytes] = [b""] * len(status)
         if ok:
             raw = batch["pixels"].to_pylist()
-            pixels = np.stack([np.frombuffer(raw[i], np.uint8).reshape(self.h, self.w, 3)
-                               for i in ok])
+            pixels = np.stack(
+                [np.frombuffer(raw[i], np.uint8).reshape(self.h, self.w, 3) for i in ok]
+            )
             vectors = self.backbone.forward(torch.from_numpy(pixels))
             assert vectors.shape == (len(ok), dim)
             for row, i in enumerate(ok):
@@ -173,8 +185,9 @@ class RayEngine:
         self.concurrency, self.files_per_block = concurrency, files_per_block
         self.actor_cpus = actor_cpus
 
-    def run(self, tasks: Sequence[tuple[int, str]],
-            known_hashes: frozenset[str]) -> Iterator[Chunk]:
+    def run(
+        self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
+    ) -> Iterator[Chunk]:
         """Yield chunks covering every task exactly once."""
         if not tasks:
             return
@@ -193,10 +206,21 @@ class RayEngine:
             for key, _ in tasks:
                 if key not in seen:
                     seen.add(key)
-                    yield Chunk([key], [Decoded(
-                        "failed", None, reason="decode_crash",
-                        detail="a Ray worker died or failed on this file twice; a rerun retries it",
-                    )], None)
+                    yield Chunk(
+                        [key],
+                        [
+                            Decoded(
+                                "failed",
+                                None,
+                                reason="decode_crash",
+                                detail=(
+                                    "a Ray worker died or failed on this file twice; "
+                                    "a rerun retries it"
+                                ),
+                            )
+                        ],
+                        None,
+                    )
         finally:
             if started:
                 ray.shutdown()
@@ -204,8 +228,13 @@ class RayEngine:
     def _driver_preprocess(self) -> Preprocess:
         from .backbones import load_backbone
 
-        b = load_backbone(self.model, weights=self.weights, random_init=self.random_init,
-                          device="cpu", seed=self.seed)
+        b = load_backbone(
+            self.model,
+            weights=self.weights,
+            random_init=self.random_init,
+            device="cpu",
+            seed=self.seed,
+        )
         self.weights_sha256 = self.weights_sha256 or b.weights_sha256
         return b.preprocess
 
@@ -220,8 +249,15 @@ class RayEngine:
         actors = self.concurrency or max(1, cpus // (2 * self.actor_cpus))
         return actors, 0, self.batch_size or CPU_BATCH
 
-    def _pass(self, ray: Any, tasks: Sequence[tuple[int, str]], known: frozenset[str],
-              preprocess: Preprocess, seen: set[int], per_block: int) -> Iterator[Chunk]:
+    def _pass(
+        self,
+        ray: Any,
+        tasks: Sequence[tuple[int, str]],
+        known: frozenset[str],
+        preprocess: Preprocess,
+        seen: set[int],
+        per_block: int,
+    ) -> Iterator[Chunk]:
         actors, gpus, bs = self._pool(ray)
         ctx = ray.data.DataContext.get_current()
         old_errors = ctx.max_errored_blocks
@@ -235,7 +271,10 @@ class RayEngine:
         blocks = [table.slice(i, per_block) for i in range(0, len(tasks), per_block)]
         ds = ray.data.from_arrow(blocks)
         decoded = ds.map_batches(
-            _decode_block, batch_format="pyarrow", batch_size=None, num_cpus=1,
+            _decode_block,
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=1,
             fn_kwargs={"preprocess": preprocess, "max_pixels": self.max_pixels, "known": known},
             # Bounded retries on a dead worker, so a file that kills its decoder cannot loop
             # forever. Also keeps Ray Data from fusing decoding into the model actors (it fuses
@@ -243,14 +282,21 @@ class RayEngine:
             max_retries=DECODE_RETRIES,
         )
         embedded = decoded.map_batches(
-            Embedder, batch_format="pyarrow", batch_size=bs,
+            Embedder,
+            batch_format="pyarrow",
+            batch_size=bs,
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus, num_cpus=0 if gpus else self.actor_cpus,
+            num_gpus=gpus,
+            num_cpus=0 if gpus else self.actor_cpus,
             # Ray Data restarts dead pool actors forever; a batch is retried at most this often.
-            max_restarts=-1, max_task_retries=DECODE_RETRIES,
+            max_restarts=-1,
+            max_task_retries=DECODE_RETRIES,
             fn_constructor_kwargs={
-                "model": self.model, "weights": self.weights, "random_init": self.random_init,
-                "seed": self.seed, "weights_sha256": self.weights_sha256,
+                "model": self.model,
+                "weights": self.weights,
+                "random_init": self.random_init,
+                "seed": self.seed,
+                "weights_sha256": self.weights_sha256,
                 "device": "cuda" if gpus else "cpu",
             },
         )
@@ -275,8 +321,16 @@ def _to_chunk(batch: pa.Table, seen: set[int]) -> Chunk:
         if key in seen:
             continue
         seen.add(key)
-        r = Decoded(cols["status"][i], cols["content_hash"][i], None, cols["width"][i],
-                    cols["height"][i], cols["n_frames"][i], cols["reason"][i], cols["detail"][i])
+        r = Decoded(
+            cols["status"][i],
+            cols["content_hash"][i],
+            None,
+            cols["width"][i],
+            cols["height"][i],
+            cols["n_frames"][i],
+            cols["reason"][i],
+            cols["detail"][i],
+        )
         keys.append(key)
         results.append(r)
         if r.status == "ok":

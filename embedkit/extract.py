@@ -23,14 +23,14 @@ import torch
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .decode import Decoded
-from .engine import Chunk, Engine, LocalEngine
 from .embed import l2_normalize
+from .engine import Chunk, Engine, LocalEngine
 from .errors import InvalidArgumentError
 from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
 from .progress import ExtractProgress
 from .runtime import make_forward
-from .threads import default_workers, plan_threads
 from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id, vectors_of
+from .threads import default_workers, plan_threads
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the
 # environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
@@ -114,14 +114,18 @@ class _Plan:
     failed_stat: list[tuple[FoundFile, str, str]]
 
 
-def _plan(found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str],
-          committed: pa.Table) -> _Plan:
+def _plan(
+    found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str], committed: pa.Table
+) -> _Plan:
     existing: dict[int, tuple[int | None, int | None, str, str | None]] = {}
     if committed.num_rows:
         for i, s, m, st, r in zip(
-            committed["id"].to_pylist(), committed["size"].to_pylist(),
-            committed["mtime_ns"].to_pylist(), committed["status"].to_pylist(),
-            committed["reason"].to_pylist(), strict=True,
+            committed["id"].to_pylist(),
+            committed["size"].to_pylist(),
+            committed["mtime_ns"].to_pylist(),
+            committed["status"].to_pylist(),
+            committed["reason"].to_pylist(),
+            strict=True,
         ):
             existing[i] = (s, m, st, r)
     todo: list[tuple[FoundFile, os.stat_result]] = []
@@ -140,15 +144,23 @@ def _plan(found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str
             failed_stat.append((f, "not_found", str(exc.strerror)))
             continue
         old = existing.get(fid)
-        if (old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns
-                and not (old[2] == STATUS_FAILED and old[3] in TRANSIENT_REASONS)):
+        if (
+            old is not None
+            and old[0] == st.st_size
+            and old[1] == st.st_mtime_ns
+            and not (old[2] == STATUS_FAILED and old[3] in TRANSIENT_REASONS)
+        ):
             unchanged += 1
             continue
         todo.append((f, st))
     deleted_ids, deleted_keys = [], []
     if committed.num_rows:
-        for i, root, path in zip(committed["id"].to_pylist(), committed["root"].to_pylist(),
-                                 committed["path"].to_pylist(), strict=True):
+        for i, root, path in zip(
+            committed["id"].to_pylist(),
+            committed["root"].to_pylist(),
+            committed["path"].to_pylist(),
+            strict=True,
+        ):
             if i in seen or root not in walked_roots:
                 continue
             full = os.path.join(root, path)
@@ -208,7 +220,9 @@ def extract(
         An ``ExtractSummary``.
     """
     if not sources:
-        raise InvalidArgumentError("no sources given; pass folders, image files or a .txt/.csv list")
+        raise InvalidArgumentError(
+            "no sources given; pass folders, image files or a .txt/.csv list"
+        )
     if batch_size is not None and batch_size < 1:
         raise InvalidArgumentError(f"batch size must be >= 1, got {batch_size}")
     if workers is not None and workers < 0:
@@ -224,8 +238,11 @@ def extract(
     t0 = time.perf_counter()
     found, scan_failures = find_images(sources)
     walked_roots = {os.path.abspath(os.fspath(s)) for s in sources if os.path.isdir(s)}
-    skipped_dirs = [os.path.join(f.root, f.path) for f in scan_failures
-                    if f.reason in ("unreadable_dir", "symlink_loop")]
+    skipped_dirs = [
+        os.path.join(f.root, f.path)
+        for f in scan_failures
+        if f.reason in ("unreadable_dir", "symlink_loop")
+    ]
     backbone = load_backbone(model, weights=weights, random_init=random_init, device=device)
     nworkers = default_workers() if workers is None else workers
     summary = ExtractSummary(store=os.fspath(store))
@@ -233,15 +250,27 @@ def extract(
         from .engine_ray import RayEngine
 
         # The driver keeps its backbone for the store metadata and head; actors load their own.
-        engine = RayEngine(model, weights=None if weights is None else os.fspath(weights),
-                           random_init=random_init, batch_size=batch_size, address=address,
-                           max_pixels=max_pixels, preprocess=backbone.preprocess,
-                           weights_sha256=backbone.weights_sha256)
-    forward = make_forward(backbone, "torch" if engine not in (None, "local") else runtime,
-                           plan_threads(nworkers, threads).intra_op)
+        engine = RayEngine(
+            model,
+            weights=None if weights is None else os.fspath(weights),
+            random_init=random_init,
+            batch_size=batch_size,
+            address=address,
+            max_pixels=max_pixels,
+            preprocess=backbone.preprocess,
+            weights_sha256=backbone.weights_sha256,
+        )
+    forward = make_forward(
+        backbone,
+        "torch" if engine not in (None, "local") else runtime,
+        plan_threads(nworkers, threads).intra_op,
+    )
     bs = batch_size or default_batch_size(backbone.device.type, forward.runtime)
-    metadata = {**store_metadata(backbone, normalize), **forward.metadata(),
-                "runtimes": [forward.runtime]}
+    metadata = {
+        **store_metadata(backbone, normalize),
+        **forward.metadata(),
+        "runtimes": [forward.runtime],
+    }
 
     with StoreWriter(store, metadata) as writer:
         if backbone.head is not None:
@@ -256,24 +285,32 @@ def extract(
         known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
 
         if plan.deleted_ids:
-            writer.add(ids=plan.deleted_ids, roots=[k[0] for k in plan.deleted_keys],
-                       paths=[k[1] for k in plan.deleted_keys],
-                       status=[STATUS_DELETED] * len(plan.deleted_ids))
+            writer.add(
+                ids=plan.deleted_ids,
+                roots=[k[0] for k in plan.deleted_keys],
+                paths=[k[1] for k in plan.deleted_keys],
+                status=[STATUS_DELETED] * len(plan.deleted_ids),
+            )
             summary.deleted = len(plan.deleted_ids)
         failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
         failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
         if failures:
-            writer.add(ids=[row_id(r, p) for r, p, _, _ in failures],
-                       roots=[x[0] for x in failures], paths=[x[1] for x in failures],
-                       status=[STATUS_FAILED] * len(failures),
-                       reason=[x[2] for x in failures], detail=[x[3] for x in failures])
+            writer.add(
+                ids=[row_id(r, p) for r, p, _, _ in failures],
+                roots=[x[0] for x in failures],
+                paths=[x[1] for x in failures],
+                status=[STATUS_FAILED] * len(failures),
+                reason=[x[2] for x in failures],
+                detail=[x[3] for x in failures],
+            )
             summary.failed.update(x[2] for x in failures)
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
-        runner = (LocalEngine(forward, bs, nworkers, max_pixels)
-                  if engine in (None, "local") else engine)
+        runner = (
+            LocalEngine(forward, bs, nworkers, max_pixels) if engine in (None, "local") else engine
+        )
         t_embed = time.perf_counter()
         try:
             with ExtractProgress(total=len(tasks), enabled=progress) as bar:
@@ -298,9 +335,16 @@ def _count_ok(writer: StoreWriter) -> int:
 class _Rows:
     """Turns engine chunks into store rows, and commits every ``commit_every`` rows."""
 
-    def __init__(self, writer: StoreWriter, normalize: bool, commit_every: int,
-                 summary: ExtractSummary, known_vectors: np.ndarray, known: dict[str, int],
-                 known_meta: dict[str, list[Any]]) -> None:
+    def __init__(
+        self,
+        writer: StoreWriter,
+        normalize: bool,
+        commit_every: int,
+        summary: ExtractSummary,
+        known_vectors: np.ndarray,
+        known: dict[str, int],
+        known_meta: dict[str, list[Any]],
+    ) -> None:
         self.writer, self.normalize = writer, normalize
         self.commit_every, self.summary = commit_every, summary
         self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
@@ -317,8 +361,12 @@ class _Rows:
                 assert r.content_hash is not None
                 src = self.known[r.content_hash]
                 w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
-                self._add([files[i]], [Decoded("ok", r.content_hash, None, w, h, nf)], STATUS_OK,
-                          self.known_vectors[src : src + 1])
+                self._add(
+                    [files[i]],
+                    [Decoded("ok", r.content_hash, None, w, h, nf)],
+                    STATUS_OK,
+                    self.known_vectors[src : src + 1],
+                )
                 self.summary.reused += 1
             elif r.status == "failed":
                 self._add([files[i]], [r], STATUS_FAILED, None)
@@ -326,14 +374,25 @@ class _Rows:
         if self.writer.pending >= self.commit_every:
             self.writer.commit()
 
-    def _add(self, files: list[tuple[FoundFile, os.stat_result]], results: list[Decoded],
-             status: str, vectors: np.ndarray | None) -> None:
+    def _add(
+        self,
+        files: list[tuple[FoundFile, os.stat_result]],
+        results: list[Decoded],
+        status: str,
+        vectors: np.ndarray | None,
+    ) -> None:
         self.writer.add(
-            ids=[row_id(f.root, f.path) for f, _ in files], roots=[f.root for f, _ in files],
-            paths=[f.path for f, _ in files], content_hash=[r.content_hash for r in results],
-            size=[st.st_size for _, st in files], mtime_ns=[st.st_mtime_ns for _, st in files],
-            width=[r.width for r in results], height=[r.height for r in results],
-            n_frames=[r.n_frames for r in results], status=[status] * len(files),
-            reason=[r.reason for r in results], detail=[r.detail for r in results],
+            ids=[row_id(f.root, f.path) for f, _ in files],
+            roots=[f.root for f, _ in files],
+            paths=[f.path for f, _ in files],
+            content_hash=[r.content_hash for r in results],
+            size=[st.st_size for _, st in files],
+            mtime_ns=[st.st_mtime_ns for _, st in files],
+            width=[r.width for r in results],
+            height=[r.height for r in results],
+            n_frames=[r.n_frames for r in results],
+            status=[status] * len(files),
+            reason=[r.reason for r in results],
+            detail=[r.detail for r in results],
             embedding=vectors,
         )

@@ -309,8 +309,9 @@ class Index:
             self.params = ladder[0]
         truth = _exact_topk(vectors, ids, vectors[eval_rows], RECALL_K + 1, self.metric)
         recall = self._recall(vectors, ids, eval_rows, truth)
-        self.info.update(params=self.params, recall_at_10=round(recall, 4),
-                         recall_sample=len(eval_rows))
+        self.info.update(
+            params=self.params, recall_at_10=round(recall, 4), recall_sample=len(eval_rows)
+        )
         return recall
 
     def _ladder(self) -> list[dict[str, int]]:
@@ -339,8 +340,12 @@ class Index:
         own = ids[rows]
         k = min(RECALL_K, truth.shape[1] - 1)
         return _recall_at_k(
-            _without_own(found, own, k), _without_own(truth, own, k),
-            vectors, ids, vectors[rows], self.metric,
+            _without_own(found, own, k),
+            _without_own(truth, own, k),
+            vectors,
+            ids,
+            vectors[rows],
+            self.metric,
         )
 
     # -- updating ------------------------------------------------------------------------
@@ -459,8 +464,10 @@ class Index:
             k = min(64, max(total, 1))
             while True:
                 scores, ids = self.search(row[None], k)
-                within = (scores[0] >= threshold) if self.metric == "cosine" else (
-                    scores[0] <= threshold
+                within = (
+                    (scores[0] >= threshold)
+                    if self.metric == "cosine"
+                    else (scores[0] <= threshold)
                 )
                 within &= ids[0] >= 0
                 # Done when the worst of the k is already outside, or everything was returned.
@@ -704,4 +711,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

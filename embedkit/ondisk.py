@@ -82,8 +82,9 @@ def ondisk_ram_bytes(key: str, n: int, dim: int) -> int:
     return nlist * dim * 4 + hnsw + 256 * dim * 4
 
 
-def choose_backend(n: int, dim: int, max_memory_bytes: int,
-                   metric: str = "cosine") -> tuple[Backend, str]:
+def choose_backend(
+    n: int, dim: int, max_memory_bytes: int, metric: str = "cosine"
+) -> tuple[Backend, str]:
     """``("ram", key)`` when ``index.Index`` fits the budget, else ``("ondisk", key)``.
 
     The in-RAM path (``open_store`` + ``Index.build``) holds the store's vectors (n*dim*4 bytes)
@@ -123,7 +124,7 @@ def _live_ok_masks(store: Path, parts: list[dict[str, Any]]) -> list[np.ndarray]
     _, first_rev = np.unique(all_ids[::-1], return_index=True)
     last[len(all_ids) - 1 - first_rev] = True
     bounds = np.cumsum([0] + [len(i) for i in ids])
-    return [last[bounds[p]:bounds[p + 1]] & ok[p] for p in range(len(parts))]
+    return [last[bounds[p] : bounds[p + 1]] & ok[p] for p in range(len(parts))]
 
 
 def _stream_vectors(store: Path, out: Path, metric: str) -> tuple[int, int]:
@@ -139,7 +140,7 @@ def _stream_vectors(store: Path, out: Path, metric: str) -> tuple[int, int]:
             pf = pq.ParquetFile(store / part["file"])
             start = 0
             for batch in pf.iter_batches(batch_size=65_536, columns=["id", "embedding"]):
-                keep = mask[start:start + batch.num_rows]
+                keep = mask[start : start + batch.num_rows]
                 start += batch.num_rows
                 if not keep.any():
                     continue
@@ -236,8 +237,9 @@ class OnDiskIndex:
         for start in range(0, n, shard_rows):
             stop = min(n, start + shard_rows)
             shard = faiss.read_index(str(trained))
-            shard.add_with_ids(np.ascontiguousarray(vectors[start:stop]),
-                               np.arange(start, stop, dtype=np.int64))
+            shard.add_with_ids(
+                np.ascontiguousarray(vectors[start:stop]), np.arange(start, stop, dtype=np.int64)
+            )
             shards.append(tmp / f"shard-{len(shards):05d}.faiss")
             faiss.write_index(shard, str(shards[-1]))
             del shard
@@ -252,8 +254,15 @@ class OnDiskIndex:
         times["merge_s"] = time.perf_counter() - t
         manifest = read_manifest(store) or {}
         info = {
-            "format": FORMAT, "format_version": 1, "key": key, "metric": metric, "n": n,
-            "dim": dim, "nlist": nlist, "train_size": int(size), "shards": len(shards),
+            "format": FORMAT,
+            "format_version": 1,
+            "key": key,
+            "metric": metric,
+            "n": n,
+            "dim": dim,
+            "nlist": nlist,
+            "train_size": int(size),
+            "shards": len(shards),
             "faiss_version": faiss.__version__,
             "source": {"store_version": manifest.get("version")},
             "build": {k: round(v, 3) for k, v in times.items()},
@@ -274,8 +283,9 @@ class OnDiskIndex:
         try:
             info = json.loads((d / INFO).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            raise IndexStateError(f"no readable on-disk index at {d}; build it with "
-                                  "OnDiskIndex.build(store, dir)") from None
+            raise IndexStateError(
+                f"no readable on-disk index at {d}; build it with OnDiskIndex.build(store, dir)"
+            ) from None
         if info.get("format") != FORMAT:
             raise IndexStateError(f"{d} is not an embedkit on-disk index")
         return cls(d, info)
@@ -283,8 +293,9 @@ class OnDiskIndex:
     def __len__(self) -> int:
         return self.n
 
-    def search(self, queries: Any, k: int = 10, *, nprobe: int | None = None,
-               k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: Any, k: int = 10, *, nprobe: int | None = None, k_factor: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` per query: ``(scores, store ids)``, both (Q, k), like ``Index.search``
         (cosine similarity, or Euclidean distance for l2; id -1 where fewer than k)."""
         if k <= 0:
@@ -302,8 +313,9 @@ class OnDiskIndex:
             scores = np.sqrt(np.maximum(scores, 0), out=scores, where=np.isfinite(scores))
         return scores, ids
 
-    def _candidates(self, q: np.ndarray, k: int, nprobe: int | None,
-                    k_factor: int | None) -> np.ndarray:
+    def _candidates(
+        self, q: np.ndarray, k: int, nprobe: int | None, k_factor: int | None
+    ) -> np.ndarray:
         p = nprobe or self.params["nprobe"]
         fetch = min(self.n, k * (k_factor or self.params["k_factor"]))
         ps = faiss.ParameterSpace()
@@ -318,8 +330,11 @@ class OnDiskIndex:
         valid = rows >= 0
         uniq = np.unique(rows[valid])
         block = np.asarray(self._vectors[uniq])  # sorted rows: sequential-ish page reads
-        cand = block[np.searchsorted(uniq, np.maximum(rows, 0))] if len(uniq) else np.zeros(
-            (*rows.shape, self.dim), np.float32)
+        cand = (
+            block[np.searchsorted(uniq, np.maximum(rows, 0))]
+            if len(uniq)
+            else np.zeros((*rows.shape, self.dim), np.float32)
+        )
         if self.metric == "cosine":
             better = np.einsum("qd,qfd->qf", q, cand)
         else:
@@ -345,7 +360,7 @@ class OnDiskIndex:
 
         def blocks():
             for s in range(0, self.n, block):
-                yield np.ascontiguousarray(self._vectors[s:s + block])
+                yield np.ascontiguousarray(self._vectors[s : s + block])
 
         _, rows = knn_ground_truth(q, blocks(), min(k, self.n), metric_type=fmetric)
         return np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
@@ -356,14 +371,20 @@ class OnDiskIndex:
         returns the recall."""
         if queries is None:
             rng = np.random.default_rng(seed)
-            queries = np.asarray(self._vectors[np.sort(rng.choice(self.n, min(200, self.n),
-                                                                  replace=False))])
+            queries = np.asarray(
+                self._vectors[np.sort(rng.choice(self.n, min(200, self.n), replace=False))]
+            )
         truth = self.exact(queries)
         nlist = int(self.info["nlist"])
-        ladder = [{"nprobe": p, "k_factor": K_FACTOR}
-                  for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p < nlist]
-        ladder += [{"nprobe": min(nlist, 1024), "k_factor": K_FACTOR},
-                   {"nprobe": min(nlist, 1024), "k_factor": 4 * K_FACTOR}]
+        ladder = [
+            {"nprobe": p, "k_factor": K_FACTOR}
+            for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+            if p < nlist
+        ]
+        ladder += [
+            {"nprobe": min(nlist, 1024), "k_factor": K_FACTOR},
+            {"nprobe": min(nlist, 1024), "k_factor": 4 * K_FACTOR},
+        ]
         recall = 0.0
         for params in ladder:
             self.params = params
@@ -371,8 +392,9 @@ class OnDiskIndex:
             recall = recall_at_k(found, truth)
             if recall >= RECALL_TARGET:
                 break
-        self.info.update(params=self.params, recall_at_10=round(recall, 4),
-                         recall_sample=len(queries))
+        self.info.update(
+            params=self.params, recall_at_10=round(recall, 4), recall_sample=len(queries)
+        )
         tmp = self.directory / f".{INFO}.tmp"
         tmp.write_text(json.dumps(self.info, indent=1), encoding="utf-8")
         os.replace(tmp, self.directory / INFO)

@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 
 FORMAT = "embedkit.probe/1"
 # Objective: mean cross-entropy + wd/2 * ||W||^2 on standardised features (wd grid in
-# defaults.py). Converged when the largest gradient entry is below GRAD_TOLERANCE (scikit-learn's default
-# tol for lbfgs, on the same mean objective), or when an epoch no longer moves the objective
-# (TOLERANCE, relative: below float32 resolution, so only a true stall stops the run; a looser
-# 1e-6 stopped slow-but-progressing runs early and cost 1 point on digits).
+# defaults.py). Converged when the largest gradient entry is below GRAD_TOLERANCE
+# (scikit-learn's default tol for lbfgs, on the same mean objective), or when an epoch no
+# longer moves the objective (TOLERANCE, relative: below float32 resolution) twice in a row,
+# with an L-BFGS restart in between (see _fit_softmax).
 GRAD_TOLERANCE = 1e-4
 TOLERANCE = 1e-8
 MissingLabels = Literal["error", "drop"]
@@ -321,8 +321,13 @@ def _fit_softmax(
     # answers that call without another pass over the data, and gives the trace its train
     # loss/accuracy for free.
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe",
-        tolerance_grad=0.0, tolerance_change=0.0,
+        [w, b],
+        lr=1.0,
+        max_iter=1,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
     )
     ce = torch.nn.functional.cross_entropy
     cache: dict[str, torch.Tensor] = {}

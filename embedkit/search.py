@@ -71,9 +71,7 @@ class IndexReport:
     index: Index = field(repr=False, compare=False)
 
 
-def _build(
-    store: Store, key: str | None, metric: Metric, max_memory: int
-) -> Index:
+def _build(store: Store, key: str | None, metric: Metric, max_memory: int) -> Index:
     if len(store.ids) == 0:
         raise StoreError(f"store {store.path} has no embedded images; run `embedkit extract`")
     index = Index.build(store.vectors, store.ids, key=key, metric=metric, max_memory=max_memory)
@@ -374,8 +372,10 @@ def _resolve_queries(
             raise InvalidArgumentError(f"cannot read vector file {file}: {exc}") from None
         arr = _check_vector(arr.reshape(1, -1) if arr.ndim == 1 else arr, store, os.fspath(file))
         vectors.append(arr)
-        labels += [(os.fspath(file) if len(arr) == 1 else f"{os.fspath(file)}[{i}]", None)
-                   for i in range(len(arr))]
+        labels += [
+            (os.fspath(file) if len(arr) == 1 else f"{os.fspath(file)}[{i}]", None)
+            for i in range(len(arr))
+        ]
     if images:
         embedded = _embed_files(store, [p for _, p in images], device)
         for (pos, _), vec in zip(images, embedded, strict=True):

@@ -244,10 +244,14 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     """
     p = Path(path)
     if not p.exists():
-        raise StoreError(f"store {p} does not exist; create it with `embedkit extract SRC --store {p}`")
+        raise StoreError(
+            f"store {p} does not exist; create it with `embedkit extract SRC --store {p}`"
+        )
     manifest = read_manifest(p)
     if manifest is None:
-        raise StoreError(f"{p} is not an embedkit store yet (no {MANIFEST}); run `embedkit extract`")
+        raise StoreError(
+            f"{p} is not an embedkit store yet (no {MANIFEST}); run `embedkit extract`"
+        )
     table = live_rows(_read_parts(p, manifest))
     ok = table.filter(pc.equal(table["status"], STATUS_OK))
     metadata = manifest["metadata"]
@@ -314,8 +318,12 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
 
 def _disk_error(exc: OSError, what: Path) -> StoreError:
     if exc.errno == errno.ENOSPC:
-        return StoreError(f"disk full while writing {what}; the store keeps its last commit, free space and rerun")
-    return StoreError(f"cannot write {what}: {exc.strerror or exc}; the store keeps its last commit")
+        return StoreError(
+            f"disk full while writing {what}; the store keeps its last commit, free space and rerun"
+        )
+    return StoreError(
+        f"cannot write {what}: {exc.strerror or exc}; the store keeps its last commit"
+    )
 
 
 def describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -362,8 +370,11 @@ class StoreWriter:
         if self.path.is_dir() and not (self.path / MANIFEST).exists():
             # Files a writer creates before its first commit (a run killed that early).
             ours = (PARTS_DIR, LOCK_FILE, HEAD_FILE)
-            stray = [p.name for p in self.path.iterdir()
-                     if p.name not in ours and not p.name.endswith(".tmp")]
+            stray = [
+                p.name
+                for p in self.path.iterdir()
+                if p.name not in ours and not p.name.endswith(".tmp")
+            ]
             if stray:
                 raise StoreError(
                     f"{self.path} is a non-empty folder that is not an embedkit store; "
@@ -507,8 +518,12 @@ class StoreWriter:
         """Keep the stripped ImageNet classifier beside the vectors (atomically)."""
         from safetensors.numpy import save
 
-        data = save({"weight": np.ascontiguousarray(weight, np.float32),
-                     "bias": np.ascontiguousarray(bias, np.float32)})
+        data = save(
+            {
+                "weight": np.ascontiguousarray(weight, np.float32),
+                "bias": np.ascontiguousarray(bias, np.float32),
+            }
+        )
         try:
             _atomic_write_bytes(self.path / HEAD_FILE, data)
         except OSError as exc:

@@ -21,8 +21,20 @@ def _ok(args: list[str]):
 
 def test_extract_info_export_roundtrip(photo_dir, tmp_path):
     st = str(tmp_path / "s")
-    r = _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init",
-             "--workers", "1", "--json"])
+    r = _ok(
+        [
+            "extract",
+            str(photo_dir),
+            "--store",
+            st,
+            "--model",
+            TINY,
+            "--random-init",
+            "--workers",
+            "1",
+            "--json",
+        ]
+    )
     summary = json.loads(r.stdout)
     assert summary["embedded"] == 7 and summary["failed"] == {}
     info = json.loads(_ok(["info", st, "--json"]).stdout)
@@ -49,12 +61,26 @@ def test_models_json():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["extract", "/no/such/folder", "--store", "{tmp}/s", "--model", TINY, "--random-init"],
-         "does not exist"),
+        (
+            ["extract", "/no/such/folder", "--store", "{tmp}/s", "--model", TINY, "--random-init"],
+            "does not exist",
+        ),
         (["extract", "{photos}", "--store", "{tmp}/s", "--model", "resnet_5O"], "resnet"),
         (["extract", "{photos}", "--store", "{tmp}/s", "--model", "resnet50"], "--weights"),
-        (["extract", "{photos}", "--store", "{tmp}/s", "--device", "tpu", "--model", TINY,
-          "--random-init"], "auto"),
+        (
+            [
+                "extract",
+                "{photos}",
+                "--store",
+                "{tmp}/s",
+                "--device",
+                "tpu",
+                "--model",
+                TINY,
+                "--random-init",
+            ],
+            "auto",
+        ),
         (["info", "{tmp}/nothing"], "does not exist"),
     ],
 )
@@ -71,8 +97,9 @@ def test_user_mistakes_are_one_line_exit_1(args, needle, photo_dir, tmp_path):
 def test_model_mismatch_message_says_what_to_do(photo_dir, tmp_path):
     st = str(tmp_path / "s")
     _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init", "--json"])
-    r = runner.invoke(app, ["extract", str(photo_dir), "--store", st, "--model", "test_resnet",
-                            "--random-init"])
+    r = runner.invoke(
+        app, ["extract", str(photo_dir), "--store", st, "--model", "test_resnet", "--random-init"]
+    )
     assert r.exit_code == 1 and "new --store" in " ".join(r.stderr.split())
 
 
@@ -81,7 +108,9 @@ def test_help_and_info_do_not_load_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from embedkit.cli import app; import embedkit; "
-            "print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))")
+    code = (
+        "import sys; from embedkit.cli import app; import embedkit; "
+        "print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

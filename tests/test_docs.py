@@ -30,7 +30,9 @@ def test_every_command_has_help_and_is_in_readme():
         assert cmd.help and len(cmd.help.strip()) > 20, f"{path} has no help text"
         r = runner.invoke(app, [*path, "--help"])
         assert r.exit_code == 0, (path, r.output)
-        assert f"embedkit {' '.join(path)}" in README, f"`embedkit {' '.join(path)}` missing from README"
+        assert f"embedkit {' '.join(path)}" in README, (
+            f"`embedkit {' '.join(path)}` missing from README"
+        )
         for param in cmd.params:
             if param.name != "help" and getattr(param, "help", None) is None and not param.hidden:
                 if param.param_type_name == "option":

@@ -26,8 +26,9 @@ from embedkit.extract import extract
 from embedkit.store import open_store
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
-needs_ray = pytest.mark.skipif(not HAS_RAY,
-                               reason="ray is not installed (pip install 'embedkit[ray]')")
+needs_ray = pytest.mark.skipif(
+    not HAS_RAY, reason="ray is not installed (pip install 'embedkit[ray]')"
+)
 
 
 def test_missing_ray_says_how_to_install(monkeypatch):
@@ -64,9 +65,16 @@ def _ray(src, store: Path, engine=None):
     from embedkit.engine_ray import RayEngine
 
     engine = engine or RayEngine(TINY, random_init=True, batch_size=4, files_per_block=4)
-    return extract(src if isinstance(src, list) else [src], store, model=TINY, random_init=True,
-                   workers=1, batch_size=4,
-                   commit_every=8, engine=engine)
+    return extract(
+        src if isinstance(src, list) else [src],
+        store,
+        model=TINY,
+        random_init=True,
+        workers=1,
+        batch_size=4,
+        commit_every=8,
+        engine=engine,
+    )
 
 
 def _same_store(a_path: Path, b_path: Path) -> None:
@@ -198,13 +206,30 @@ def test_cli_engine_ray_string(ray_address, tmp_path):
     from embedkit.cli import app
 
     src = _photos(tmp_path / "photos", 6)
-    r = CliRunner().invoke(app, ["extract", str(src), "--store", str(tmp_path / "s"), "--model",
-                                 TINY, "--random-init", "--engine", "ray", "--address",
-                                 ray_address, "--batch-size", "4", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(src),
+            "--store",
+            str(tmp_path / "s"),
+            "--model",
+            TINY,
+            "--random-init",
+            "--engine",
+            "ray",
+            "--address",
+            ray_address,
+            "--batch-size",
+            "4",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["embedded"] == 6
     _local(src, tmp_path / "local")
     _same_store(tmp_path / "s", tmp_path / "local")
-    bad = CliRunner().invoke(app, ["extract", str(src), "--store", str(tmp_path / "t"),
-                                   "--engine", "spark"])
+    bad = CliRunner().invoke(
+        app, ["extract", str(src), "--store", str(tmp_path / "t"), "--engine", "spark"]
+    )
     assert bad.exit_code == 1 and "local|ray" in bad.stderr

@@ -52,9 +52,15 @@ def test_corpus_manifest_outcomes(corpus, tmp_path):
     shutil.copytree(corpus, src)
     summary = _extract(src, tmp_path / "s", workers=2)
     store = open_store(tmp_path / "s")
-    rows = {p: (s, r) for p, s, r in zip(store.table["path"].to_pylist(),
-                                          store.table["status"].to_pylist(),
-                                          store.table["reason"].to_pylist(), strict=True)}
+    rows = {
+        p: (s, r)
+        for p, s, r in zip(
+            store.table["path"].to_pylist(),
+            store.table["status"].to_pylist(),
+            store.table["reason"].to_pylist(),
+            strict=True,
+        )
+    }
     expected = {}
     with open(corpus / "MANIFEST.tsv", encoding="utf-8") as f:
         lines = [ln for ln in f if not ln.startswith("#")]
@@ -70,22 +76,40 @@ def test_corpus_manifest_outcomes(corpus, tmp_path):
             assert (status, reason) == ("failed", want), (name, status, reason)
     assert summary.n_failed == sum(1 for e in expected.values() if e.startswith("SKIP"))
     # Orientation: stored sizes are post-transpose.
-    sizes = dict(zip(store.table["path"].to_pylist(),
-                     zip(store.table["width"].to_pylist(), store.table["height"].to_pylist(), strict=True),
-                     strict=True))
+    sizes = dict(
+        zip(
+            store.table["path"].to_pylist(),
+            zip(store.table["width"].to_pylist(), store.table["height"].to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     assert sizes["orientation_rectangle.jpg"] == (1, 2)
-    frames = dict(zip(store.table["path"].to_pylist(), store.table["n_frames"].to_pylist(), strict=True))
+    frames = dict(
+        zip(store.table["path"].to_pylist(), store.table["n_frames"].to_pylist(), strict=True)
+    )
     assert frames["dispose_prev.gif"] == 5
     # Orientation and format twins: each is the other's nearest neighbour among the corpus.
     v = store.vectors / np.linalg.norm(store.vectors, axis=1, keepdims=True)
     sim = v @ v.T
     np.fill_diagonal(sim, -2)
-    for a, b in [("hopper.jpg", "hopper_orientation_6.jpg"),
-                 ("pil_sample_cmyk.jpg", "pil_sample_rgb.jpg")]:
+    for a, b in [
+        ("hopper.jpg", "hopper_orientation_6.jpg"),
+        ("pil_sample_cmyk.jpg", "pil_sample_rgb.jpg"),
+    ]:
         ia, ib = store.row_of(a), store.row_of(b)
-        others = [i for i in range(len(store)) if i != ia and store.paths[i] not in (
-            b, "synthetic__unicode_名前_фото_🌅.jpg", "hopper.jpg", "hopper_orientation_6.jpg",
-            "truncated_end_chunk.png")]  # the same hopper pixels as PNG
+        others = [
+            i
+            for i in range(len(store))
+            if i != ia
+            and store.paths[i]
+            not in (
+                b,
+                "synthetic__unicode_名前_фото_🌅.jpg",
+                "hopper.jpg",
+                "hopper_orientation_6.jpg",
+                "truncated_end_chunk.png",
+            )
+        ]  # the same hopper pixels as PNG
         assert sim[ia, ib] > sim[ia, others].max(), (a, b)
 
 
@@ -108,28 +132,39 @@ def test_incremental_edit_delete_rename_copy(photo_dir, tmp_path):
     again = _extract(photo_dir, st)
     assert (again.embedded, again.unchanged, again.reused, again.deleted) == (0, 7, 0, 0)
 
-    make_photo(photo_dir / "img0.jpg", 999)                       # edited content
+    make_photo(photo_dir / "img0.jpg", 999)  # edited content
     tree_mtime_bump(photo_dir / "img0.jpg")
-    (photo_dir / "img2.jpg").unlink()                            # deleted
-    (photo_dir / "img1.jpg").rename(photo_dir / "renamed.jpg")   # renamed
+    (photo_dir / "img2.jpg").unlink()  # deleted
+    (photo_dir / "img1.jpg").rename(photo_dir / "renamed.jpg")  # renamed
     shutil.copy(photo_dir / "img3.jpg", photo_dir / "copy3.jpg")  # copied
-    tree_mtime_bump(photo_dir / "img4.jpg")                      # touched only
-    make_photo(photo_dir / "new.jpg", 555)                       # new
+    tree_mtime_bump(photo_dir / "img4.jpg")  # touched only
+    make_photo(photo_dir / "new.jpg", 555)  # new
 
     r = _extract(photo_dir, st)
     assert r.embedded == 2  # img0 (edited) and new.jpg
-    assert r.reused == 3    # renamed, copy3, touched img4
-    assert r.deleted == 2   # img2 and the old name of img1
+    assert r.reused == 3  # renamed, copy3, touched img4
+    assert r.deleted == 2  # img2 and the old name of img1
     store = open_store(st)
     assert sorted(store.paths) == sorted(
-        ["img0.jpg", "renamed.jpg", "img3.jpg", "copy3.jpg", "img4.jpg", "img5.jpg",
-         "sub/deep.png", "new.jpg"])
+        [
+            "img0.jpg",
+            "renamed.jpg",
+            "img3.jpg",
+            "copy3.jpg",
+            "img4.jpg",
+            "img5.jpg",
+            "sub/deep.png",
+            "new.jpg",
+        ]
+    )
     assert len(set(store.ids.tolist())) == len(store.ids)
     np.testing.assert_array_equal(store.vectors[store.row_of("renamed.jpg")], v_img1)
-    np.testing.assert_array_equal(store.vectors[store.row_of("copy3.jpg")],
-                                  store.vectors[store.row_of("img3.jpg")])
-    assert not np.allclose(store.vectors[store.row_of("img0.jpg")],
-                           before.vectors[before.row_of("img0.jpg")])
+    np.testing.assert_array_equal(
+        store.vectors[store.row_of("copy3.jpg")], store.vectors[store.row_of("img3.jpg")]
+    )
+    assert not np.allclose(
+        store.vectors[store.row_of("img0.jpg")], before.vectors[before.row_of("img0.jpg")]
+    )
 
 
 def test_single_file_runs_do_not_delete_each_other(photo_dir, tmp_path):
@@ -178,7 +213,9 @@ def test_decoder_crash_costs_one_file(photo_dir, tmp_path, monkeypatch):
 
 def test_list_file_source(photo_dir, tmp_path):
     lst = tmp_path / "list.txt"
-    lst.write_text(f"{photo_dir / 'img0.jpg'}\n# comment\n{photo_dir / 'img1.jpg'}\nnot/there.jpg\n")
+    lst.write_text(
+        f"{photo_dir / 'img0.jpg'}\n# comment\n{photo_dir / 'img1.jpg'}\nnot/there.jpg\n"
+    )
     s = _extract(lst, tmp_path / "s")
     assert s.embedded == 2 and s.failed["not_found"] == 1
 
@@ -215,10 +252,12 @@ def test_kill9_then_resume_exactly_once(tmp_path):
     store = open_store(st)
     assert sorted(store.paths) == sorted(f"{i:03d}.jpg" for i in range(160))
     assert len(set(store.ids.tolist())) == 160 and store.table.num_rows == 160
-    ref = embed([Image.open(src / "000.jpg"), Image.open(src / "159.jpg")], model=TINY,
-                random_init=True)
-    np.testing.assert_allclose(store.vectors[[store.row_of("000.jpg"), store.row_of("159.jpg")]],
-                               ref, rtol=1e-4, atol=1e-5)
+    ref = embed(
+        [Image.open(src / "000.jpg"), Image.open(src / "159.jpg")], model=TINY, random_init=True
+    )
+    np.testing.assert_allclose(
+        store.vectors[[store.row_of("000.jpg"), store.row_of("159.jpg")]], ref, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -228,8 +267,22 @@ def test_ctrl_c_commits_what_was_embedded(tmp_path):
     for i in range(n):
         make_photo(src / f"{i:03d}.jpg", i, size=(320, 240))
     st = tmp_path / "s"
-    cmd = [sys.executable, "-m", "embedkit.cli", "extract", str(src), "--store", str(st),
-           "--model", TINY, "--random-init", "--workers", "1", "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedkit.cli",
+        "extract",
+        str(src),
+        "--store",
+        str(st),
+        "--model",
+        TINY,
+        "--random-init",
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

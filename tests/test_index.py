@@ -37,9 +37,7 @@ def random_ids(n: int, seed: int = 1) -> np.ndarray:
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = clustered(12_000, 32)
-    queries = x[:200] + 0.3 * np.random.default_rng(5).standard_normal((200, 32)).astype(
-        np.float32
-    )
+    queries = x[:200] + 0.3 * np.random.default_rng(5).standard_normal((200, 32)).astype(np.float32)
     return x, random_ids(len(x)), queries
 
 
@@ -101,12 +99,14 @@ def test_nothing_fits_or_bad_arguments_say_how_to_fix() -> None:
 
 
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
+    pairs = zip(found, exact, strict=True)
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in pairs]))
 
 
 @pytest.mark.parametrize(
     # PQ4 on 32 dims: 8 dims per sub-quantizer; low-dimensional k-means is slow in FAISS
-    "key", ["HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ4", "SQ8"]
+    "key",
+    ["HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ4", "SQ8"],
 )
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_recall_against_flat(data, key: str, metric: str) -> None:

@@ -19,13 +19,24 @@ def clustered(rng: np.random.Generator, n: int, dim: int = DIM, k: int = 200) ->
 
 
 def _metadata(dim: int) -> dict:
-    return {"model": "synthetic", "weights_sha256": "0", "random_init": True, "preprocess": {},
-            "dim": dim, "normalize": False}
+    return {
+        "model": "synthetic",
+        "weights_sha256": "0",
+        "random_init": True,
+        "preprocess": {},
+        "dim": dim,
+        "normalize": False,
+    }
 
 
 def _write(writer: StoreWriter, ids: np.ndarray, x: np.ndarray) -> None:
-    writer.add(ids=ids.tolist(), roots=["/r"] * len(ids), paths=[f"{i}.jpg" for i in ids],
-               status=[STATUS_OK] * len(ids), embedding=x)
+    writer.add(
+        ids=ids.tolist(),
+        roots=["/r"] * len(ids),
+        paths=[f"{i}.jpg" for i in ids],
+        status=[STATUS_OK] * len(ids),
+        embedding=x,
+    )
     writer.commit()
 
 
@@ -38,9 +49,14 @@ def synthetic_store(tmp_path_factory):
     ids = np.arange(20_000, dtype=np.int64) * 7 + 3  # store ids are not row numbers
     with StoreWriter(path, _metadata(DIM)) as w:
         for s in range(0, 20_000, 8_000):
-            _write(w, ids[s:s + 8_000], x[s:s + 8_000])
-        w.add(ids=[1], roots=["/r"], paths=["bad.jpg"], status=[STATUS_FAILED],
-              reason=["unidentified"])
+            _write(w, ids[s : s + 8_000], x[s : s + 8_000])
+        w.add(
+            ids=[1],
+            roots=["/r"],
+            paths=["bad.jpg"],
+            status=[STATUS_FAILED],
+            reason=["unidentified"],
+        )
         w.add(ids=[int(ids[5])], roots=["/r"], paths=["5.jpg"], status=[STATUS_DELETED])
         x[6] = clustered(rng, 1)[0]  # id of row 6 re-embedded with a new vector
         _write(w, ids[6:7], x[6:7])
@@ -84,8 +100,7 @@ def test_l2_metric_and_small_k(synthetic_store, tmp_path):
     q = x[:50] + 0.01
     dist, found = index.search(q, 3)
     assert (found[:, 0] == ids[:50]).mean() >= 0.95
-    np.testing.assert_allclose(dist[:, 0], np.linalg.norm(q - x[:50], axis=1), rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(dist[:, 0], np.linalg.norm(q - x[:50], axis=1), rtol=1e-3, atol=1e-3)
 
 
 def test_bad_arguments(synthetic_store, tmp_path):

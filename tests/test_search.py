@@ -53,7 +53,7 @@ def test_stored_path_and_id_queries_find_themselves_first(store: Path) -> None:
     assert by_path.hits[0].path.endswith("p3.jpg") and by_path.hits[0].score == pytest.approx(1)
     assert by_id.hits[0].id == int(st.ids[5])
     assert [h.rank for h in by_path.hits] == [1, 2, 3]
-    assert all(a.score >= b.score for a, b in zip(by_path.hits, by_path.hits[1:]))
+    assert all(a.score >= b.score for a, b in zip(by_path.hits, by_path.hits[1:], strict=False))
     [r] = search(store, ["p3.jpg"], k=3, exclude_self=True)
     assert not r.hits[0].path.endswith("p3.jpg") and len(r.hits) == 3
 
@@ -226,8 +226,14 @@ def test_corpus_twins_are_each_others_nearest_neighbour(tmp_path: Path) -> None:
         pytest.skip(f"corpus not found at {CORPUS}")
     photos = tmp_path / "photos"
     photos.mkdir()
-    for name in ("pil_sample_cmyk.jpg", "pil_sample_rgb.jpg", "hopper.jpg",
-                 "hopper_orientation_6.jpg", "orientation_rectangle.jpg", "transparent.png"):
+    for name in (
+        "pil_sample_cmyk.jpg",
+        "pil_sample_rgb.jpg",
+        "hopper.jpg",
+        "hopper_orientation_6.jpg",
+        "orientation_rectangle.jpg",
+        "transparent.png",
+    ):
         shutil.copy(CORPUS / name, photos / name)
     store = tmp_path / "c.store"
     extract([photos], store, workers=0)

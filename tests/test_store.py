@@ -26,14 +26,27 @@ DIM = 8
 
 
 def _meta(model: str = "m", sha: str = "abc", dim: int = DIM) -> dict:
-    return {"model": model, "weights_sha256": sha, "random_init": False,
-            "preprocess": {"size": [4, 4]}, "dim": dim, "normalize": False}
+    return {
+        "model": model,
+        "weights_sha256": sha,
+        "random_init": False,
+        "preprocess": {"size": [4, 4]},
+        "dim": dim,
+        "normalize": False,
+    }
 
 
 def _add_ok(w: StoreWriter, names: list[str], vecs: np.ndarray, root: str = "/r") -> None:
-    w.add(ids=[row_id(root, n) for n in names], roots=[root] * len(names), paths=names,
-          status=["ok"] * len(names), content_hash=[f"h-{n}" for n in names],
-          size=[1] * len(names), mtime_ns=[1] * len(names), embedding=vecs)
+    w.add(
+        ids=[row_id(root, n) for n in names],
+        roots=[root] * len(names),
+        paths=names,
+        status=["ok"] * len(names),
+        content_hash=[f"h-{n}" for n in names],
+        size=[1] * len(names),
+        mtime_ns=[1] * len(names),
+        embedding=vecs,
+    )
 
 
 def test_schema_is_fixed_size_list_float32():
@@ -55,8 +68,14 @@ def test_roundtrip_contiguous_vectors(tmp_path):
     vecs = rng.standard_normal((5, DIM)).astype(np.float32)
     with StoreWriter(tmp_path / "s", _meta()) as w:
         _add_ok(w, [f"{i}.jpg" for i in range(5)], vecs)
-        w.add(ids=[row_id("/r", "bad.jpg")], roots=["/r"], paths=["bad.jpg"],
-              status=["failed"], reason=["unidentified"], detail=["x"])
+        w.add(
+            ids=[row_id("/r", "bad.jpg")],
+            roots=["/r"],
+            paths=["bad.jpg"],
+            status=["failed"],
+            reason=["unidentified"],
+            detail=["x"],
+        )
         w.commit()
     s = open_store(tmp_path / "s")
     assert s.vectors.dtype == np.float32 and s.vectors.flags["C_CONTIGUOUS"]
@@ -144,7 +163,7 @@ def test_second_writer_refused_even_across_processes(tmp_path):
             from embedkit.store import StoreWriter
             from embedkit.errors import StoreLockedError
             try:
-                StoreWriter({str(tmp_path / 's')!r}, {_meta()!r}).open()
+                StoreWriter({str(tmp_path / "s")!r}, {_meta()!r}).open()
             except StoreLockedError:
                 raise SystemExit(3)
         """)
