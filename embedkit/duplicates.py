@@ -18,7 +18,11 @@ from .index import Index
 from .search import Log, open_index
 from .store import Store, open_store
 
-DEFAULT_THRESHOLD = 0.95  # cosine; re-encoded / resized copies score ~0.97+, distinct photos <0.9
+# Cosine similarity that joins two images. Measured with the default efficientnet_lite0 on six
+# photos and four edits of each (half size, JPEG q30, 5% crop, EXIF-rotated): every edit is
+# >= 0.92 similar to some other copy of its photo (0.85 to the farthest), while different
+# photos score <= 0.34. 0.95 left a third of those edits out of their group.
+DEFAULT_THRESHOLD = 0.90
 DEFAULT_K = 10  # neighbours per vector; bigger groups still connect through chains
 BATCH = 4096  # queries per index search: bounds the (BATCH, k) result arrays
 

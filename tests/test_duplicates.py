@@ -142,6 +142,6 @@ def test_photo_edits_group_together_and_photos_do_not(tmp_path: Path) -> None:
     expected = write_photo_set(tmp_path / "photos")
     store = tmp_path / "s.store"
     extract([tmp_path / "photos"], store, workers=0)
-    groups = find_duplicates(store, 0.9)
+    groups = find_duplicates(store)  # the default threshold must group every edit
     found = [sorted(Path(str(m.path)).name for m in g.members) for g in groups]
     assert sorted(found) == sorted(sorted(files) for files in expected.values())
