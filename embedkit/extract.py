@@ -236,6 +236,8 @@ def extract(
 
         require_ray()  # before any work: a clear message when the extra is missing
     t0 = time.perf_counter()
+    sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
+    store = os.path.expanduser(os.fspath(store))
     found, scan_failures = find_images(sources)
     walked_roots = {os.path.abspath(os.fspath(s)) for s in sources if os.path.isdir(s)}
     skipped_dirs = [
