@@ -242,7 +242,7 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     Raises:
         StoreError: the directory is not a store, or a part file is damaged.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise StoreError(
             f"store {p} does not exist; create it with `embedkit extract SRC --store {p}`"
