@@ -66,14 +66,23 @@ def index_cmd(
         MetricChoice, typer.Option(help="cosine (normalised vectors, inner product) or l2.")
     ] = MetricChoice.cosine,
     max_memory: Annotated[
-        str, typer.Option("--max-memory", help="Memory budget of the index, e.g. 512M, 4G.")
+        str,
+        typer.Option(
+            "--max-memory",
+            help="Memory budget of the index and the vectors it searches, e.g. 512M, 4G; "
+            "past it the index goes on disk.",
+        ),
     ] = f"{DEFAULT_MAX_MEMORY // 2**30}G",
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Build from scratch instead of updating.")
     ] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Build or update the search index in STORE/index/ and report its measured recall@10."""
+    """Build or update the search index in STORE/index/ and report its measured recall@10.
+
+    When the in-RAM index and the vectors would exceed --max-memory, builds an on-disk IVF-PQ
+    index in STORE/index-ondisk/ instead (lists and vectors memory-mapped, exact re-ranking).
+    """
     report = index_store(
         store,
         key=index_key,
@@ -87,6 +96,8 @@ def index_cmd(
         print_json({"action": report.action, "message": report.message, **info})
         return
     table = Table(show_header=False, box=None)
+    if "backend" in info:  # only the on-disk index says so; the in-RAM table is unchanged
+        table.add_row("backend", str(info["backend"]))
     for name in ("key", "metric", "n", "dim", "params", "recall_at_10", "build_seconds"):
         table.add_row(name, str(info.get(name)))
     table.add_row("size", f"{info.get('size_bytes', 0) / 2**20:.1f} MiB")

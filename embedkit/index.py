@@ -70,7 +70,9 @@ def _nlist_for(n: int) -> int:
     return min(nlist, 65_536)
 
 
-def _ivf_prefix(n: int) -> tuple[str, int]:
+def ivf_prefix(n: int) -> tuple[str, int]:
+    """The inverted-file part of a factory key for ``n`` vectors and its list count, e.g.
+    ``("IVF4096", 4096)`` or ``("IVF65536_HNSW32", 65536)``; shared with ``ondisk.ondisk_key``."""
     nlist = _nlist_for(n)
     # Past 16k centroids the exhaustive coarse quantizer dominates the search time; faiss
     # recommends an HNSW quantizer there (IVF65536_HNSW32 for 1M-10M vectors).
@@ -128,7 +130,7 @@ def choose_index_key(n: int, dim: int, max_memory_bytes: int, metric: str = "cos
         return "Flat"
     if n <= HNSW_MAX_N and fits(f"HNSW{HNSW_M}"):
         return f"HNSW{HNSW_M}"
-    ivf, nlist = _ivf_prefix(n)
+    ivf, nlist = ivf_prefix(n)
     # Too few points to train an inverted file: exhaustive search over raw or compressed codes.
     candidates = [f"{ivf},Flat", f"{ivf},SQ8"] if nlist >= 16 else ["Flat", "SQ8"]
     # Product quantisation, the most bytes per vector that fit; PQ{m}x8 needs 256*39 training

@@ -1,6 +1,11 @@
 """Search a store: its index under ``STORE/index/``, kept in step with the store, and the
 ``search`` verb (queries by image file, stored path or id, or vector; top-k or threshold).
 
+When the in-RAM index plus the store's vectors would not fit the memory budget
+(``ondisk.choose_backend``), the store's index is instead an ``OnDiskIndex`` under
+``STORE/index-ondisk/``; a store has one or the other, never both. The on-disk index is not
+updated in place: a store that moved on gets it rebuilt.
+
 The index records the fingerprint of the store it was built from (model, weights hash,
 preprocessing, dim) and the store version. An index from another model is refused by ``search``
 (``index_store`` rebuilds it); one from an older store version is updated in place (new ids
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +28,12 @@ import numpy as np
 
 from .errors import IndexStateError, InvalidArgumentError, StoreError
 from .index import DEFAULT_MAX_MEMORY, METRICS, Index, Metric, choose_index_key
-from .store import Store, open_store
+from .ondisk import INFO as ONDISK_INFO
+from .ondisk import OnDiskIndex, choose_backend, count_live
+from .store import Store, fingerprint_of, open_store, read_manifest
 
 INDEX_DIR = "index"
+ONDISK_DIR = "index-ondisk"
 # An update touching more than this share of the rows costs about as much as a rebuild, and a
 # rebuild also re-chooses the key and re-tunes recall.
 REBUILD_SHARE = 0.5
@@ -60,7 +70,7 @@ class IndexReport:
         message: one line saying what happened and why.
         info: the metadata saved beside the index (key, metric, n, dim, params,
             recall_at_10, build_seconds, size_bytes, source).
-        path: the index directory.
+        path: the index directory (``STORE/index`` or ``STORE/index-ondisk``).
         index: the index itself, ready to search.
     """
 
@@ -68,7 +78,7 @@ class IndexReport:
     message: str
     info: dict[str, Any]
     path: Path
-    index: Index = field(repr=False, compare=False)
+    index: Index | OnDiskIndex = field(repr=False, compare=False)
 
 
 def _build(store: Store, key: str | None, metric: Metric, max_memory: int) -> Index:
@@ -131,13 +141,16 @@ def open_index(
     *,
     metric: Metric = "cosine",
     log: Log | None = None,
-) -> Index:
-    """The store's index, ready to search: built when missing, updated when the store moved on.
+) -> Index | OnDiskIndex:
+    """The store's index, ready to search: built when missing, updated when the store moved on
+    (an on-disk index is rebuilt instead).
 
     Raises:
         IndexStateError: the index was built from another model, or is damaged.
     """
     log = log or _default_log
+    if (store.path / ONDISK_DIR / ONDISK_INFO).exists():
+        return _open_ondisk(store, log)
     directory = store.path / INDEX_DIR
     if not (directory / "index.json").exists():
         log(f"no index yet for {store.path}: building one ({len(store.ids)} vectors)")
@@ -154,6 +167,92 @@ def open_index(
     if source.get("store_version") != store.version:
         index = _refresh(index, store, log).index
     return index
+
+
+def _open_ondisk(store: Store, log: Log) -> OnDiskIndex | Index:
+    index = OnDiskIndex.load(store.path / ONDISK_DIR)
+    source = index.info.get("source") or {}
+    if source.get("fingerprint") != store.fingerprint:
+        raise IndexStateError(
+            f"the on-disk index in {store.path / ONDISK_DIR} was built from another model or "
+            f"preprocessing; {_rebuild_hint(store)}"
+        )
+    if source.get("store_version") == store.version:
+        return index
+    # No in-place update for the on-disk index: rebuild it under the budget it was built for
+    # (which may now pick the in-RAM index, e.g. after deletions).
+    budget = int(index.info.get("max_memory", DEFAULT_MAX_MEMORY))
+    return index_store(store, metric=index.metric, max_memory=budget, log=log).index
+
+
+def _ondisk_reason(
+    directory: Path, fingerprint: dict[str, Any], version: int, metric: str, max_memory: int
+) -> str | None:
+    """Why the on-disk index in ``directory`` must be (re)built; None when it is up to date."""
+    try:
+        index = OnDiskIndex.load(directory)
+    except IndexStateError as exc:
+        return f"the old index was unreadable ({exc})"
+    source = index.info.get("source") or {}
+    if source.get("fingerprint") != fingerprint:
+        return "the old index came from another model"
+    if index.metric != metric:
+        return f"the old index was {index.info['key']}/{index.metric}"
+    if int(index.info.get("max_memory", max_memory)) != max_memory:
+        return "the memory budget changed"
+    if source.get("store_version") != version:
+        return (
+            f"the store moved from version {source.get('store_version')} to {version}; "
+            "on-disk indexes are rebuilt, not updated"
+        )
+    return None
+
+
+def _index_ondisk(
+    path: Path,
+    key: str,
+    metric: Metric,
+    max_memory: int,
+    fingerprint: dict[str, Any],
+    version: int,
+    rebuild: bool,
+    log: Log,
+) -> IndexReport:
+    """Build (or find up to date) the on-disk index in ``STORE/index-ondisk``."""
+    directory = path / ONDISK_DIR
+    reason = ""
+    if (directory / ONDISK_INFO).exists() and not rebuild:
+        why = _ondisk_reason(directory, fingerprint, version, metric, max_memory)
+        if why is None:
+            index = OnDiskIndex.load(directory)
+            message = f"on-disk index is up to date with store version {version}"
+            log(message)
+            return IndexReport("up to date", message, dict(index.info), directory, index)
+        reason = why
+    elif rebuild:
+        reason = "--rebuild was asked for"
+    elif (path / INDEX_DIR / "index.json").exists():
+        reason = "the in-RAM index and vectors no longer fit --max-memory"
+    start = time.perf_counter()
+    index = OnDiskIndex.build(path, directory, metric=metric, key=key)  # tunes nprobe/k_factor
+    index.info.update(
+        backend="ondisk",
+        key_chosen="auto",
+        max_memory=max_memory,
+        build_seconds=round(time.perf_counter() - start, 3),  # stream + train + add + tune
+        size_bytes=sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
+    )
+    index.save_info()
+    shutil.rmtree(path / INDEX_DIR, ignore_errors=True)  # one index per store
+    action: Action = "rebuilt" if reason else "built"
+    message = (
+        f"{action} on-disk {index.info['key']} index of {len(index)} vectors in "
+        f"{index.info['build_seconds']:.1f}s, recall@10 {index.info['recall_at_10']} "
+        f"(the in-RAM index and vectors would exceed --max-memory {max_memory} bytes)"
+        + (f" ({reason})" if reason else "")
+    )
+    log(message)
+    return IndexReport(action, message, dict(index.info), directory, index)
 
 
 def _refresh(index: Index, store: Store, log: Log) -> IndexReport:
@@ -199,18 +298,43 @@ def index_store(
 ) -> IndexReport:
     """Build or bring up to date the search index in ``STORE/index/``.
 
+    With no ``key``, when the in-RAM index plus the store's vectors would exceed
+    ``max_memory``, builds the on-disk IVF-PQ index in ``STORE/index-ondisk/`` instead
+    (``ondisk.choose_backend``; the store's vectors are then streamed, never all loaded).
+
     Args:
         store: a store directory or an open ``Store``.
-        key: a FAISS factory string; default: ``choose_index_key`` for the store's size.
+        key: a FAISS factory string for the in-RAM index; default: ``choose_index_key`` for
+            the store's size, or the on-disk index (see above).
         metric: ``cosine`` or ``l2``.
-        max_memory: memory budget in bytes for the automatic key.
+        max_memory: memory budget in bytes for the automatic choice.
         rebuild: build from scratch even when the index could be updated.
         log: receives one line per decision (default: the ``embedkit`` logger).
     """
     if metric not in METRICS:
         raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
     log = log or _default_log
+    if key is None:
+        # Choose the backend from the id/status columns alone: a store past RAM must not be
+        # loaded whole to find out that it is one.
+        if isinstance(store, Store):
+            path, n, dim = store.path, len(store.ids), store.dim
+            fingerprint, version = store.fingerprint, store.version
+        else:
+            path = Path(store)
+            if read_manifest(path) is None:
+                open_store(path)  # raises the store's own "not a store" error
+            n, manifest = count_live(path)
+            dim, version = int(manifest["metadata"]["dim"]), int(manifest["version"])
+            fingerprint = fingerprint_of(manifest["metadata"])
+        backend, chosen = choose_backend(n, dim, max_memory, metric)
+        if backend == "ondisk":
+            return _index_ondisk(
+                path, chosen, metric, max_memory, fingerprint, version, rebuild, log
+            )
     st = store if isinstance(store, Store) else open_store(store)
+    # One index per store: open_index would prefer a leftover on-disk one to this.
+    shutil.rmtree(st.path / ONDISK_DIR, ignore_errors=True)
     directory = st.path / INDEX_DIR
     reason = ""
     if (directory / "index.json").exists() and not rebuild:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,58 @@ def test_budget_picks_ondisk_when_ram_index_does_not_fit():
     assert choose_backend(10_000_000, 64, 2 * gib)[0] == "ondisk"
     with pytest.raises(InvalidArgumentError, match="max-memory"):
         choose_backend(100_000_000, 512, 2**20)
+
+
+def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
+    """`embedkit index --max-memory 1M` on a 10k x 32-d store (1.3 MB of vectors) builds the
+    on-disk index; `search` and `embedkit search` go through it and return store ids."""
+    from typer.testing import CliRunner
+
+    from embedkit import cli_search  # noqa: F401  (registers index/search)
+    from embedkit.cli import app
+    from embedkit.search import INDEX_DIR, ONDISK_DIR, index_store, open_index, search
+    from embedkit.store import open_store
+
+    rng = np.random.default_rng(3)
+    n = 10_000
+    x = clustered(rng, n)
+    ids = np.arange(n, dtype=np.int64) * 5 + 11
+    path = tmp_path / "store"
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, ids, x)
+    assert choose_backend(n, DIM, 2**20)[0] == "ondisk"
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", str(path), "--max-memory", "1M", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout[r.stdout.index("{") :])
+    assert report["action"] == "built" and report["backend"] == "ondisk"
+    assert report["key"] == ondisk_key(n, DIM) and report["recall_at_10"] >= 0.95
+    assert report["build_seconds"] > 0 and (path / ONDISK_DIR / "lists.ivfdata").exists()
+    assert not (path / INDEX_DIR).exists()
+    # Unchanged store, same budget: nothing to do.
+    again = index_store(path, max_memory=2**20)
+    assert again.action == "up to date" and isinstance(again.index, OnDiskIndex)
+    st = open_store(path)
+    assert isinstance(open_index(st), OnDiskIndex)
+    # Recall of search() through the on-disk index against exact search on the store.
+    # Queries from the store's own clusters (clustered() with a new rng draws new centers).
+    q = x[rng.choice(n, 100, replace=False)] + 0.35 * rng.normal(size=(100, DIM))
+    q = q.astype(np.float32)
+    results = search(st, list(q), k=10)
+    found = np.array([[h.id for h in r.hits] for r in results])
+    truth = ids[_exact(x, q, 10)]
+    assert np.isin(found, ids).all()
+    assert recall_at_k(found, truth) >= 0.9
+    hits = search(st, [int(ids[7])], k=1)[0].hits
+    assert hits[0].id == ids[7] and hits[0].path.endswith(f"{ids[7]}.jpg")
+    r = runner.invoke(app, ["search", str(path), str(int(ids[7])), "-k", "3", "--csv"])
+    assert r.exit_code == 0, r.output
+    assert f",1,1.000000,{ids[7]}," in r.stdout
+    # A roomy budget goes back to the in-RAM index, and the on-disk one is removed.
+    back = index_store(path)
+    assert back.path == path / INDEX_DIR and not (path / ONDISK_DIR).exists()
+    # So does an explicit --index-key, whatever the budget.
+    assert index_store(path, max_memory=2**20).action == "rebuilt"  # replaces the in-RAM one
+    assert not (path / INDEX_DIR).exists()
+    assert index_store(path, key="Flat", max_memory=2**20).index.key == "Flat"
+    assert not (path / ONDISK_DIR).exists()
