@@ -189,8 +189,17 @@ def main() -> None:
 
 
 def report(r: dict, quick: bool) -> str:
+    from embedkit.ondisk import ondisk_key
+
     gb = 1e9
     p = r["phases"]
+    default = ondisk_key(r["n"], r["dim"])
+    key_note = (
+        ""
+        if r["key"] == default
+        else f" Key `{r['key']}` given with `--key` (the default `ondisk_key` would be "
+        f"`{default}`)."
+    )
     disk = r["disk"]
     load = os.getloadavg()[0]
     lines = [
@@ -198,7 +207,7 @@ def report(r: dict, quick: bool) -> str:
         f"of dim {r['dim']}, cosine, written as a real store ({r['store_bytes'] / gb:.2f} GB of "
         f"Parquet parts in {r['write_s']:.0f} s), then `OnDiskIndex.build` in a child process. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the "
-        f"end (other jobs shared the cores){'; --quick run' if quick else ''}.",
+        f"end{'; --quick run' if quick else ''}.{key_note}",
         "",
         "| key | n | shards | train points | stream s | train s | add s | merge s | build total s "
         "| tune s | peak RSS GB | lists GB | raw vectors GB |",
