@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,11 +509,6 @@ class StoreWriter:
         ]
         self._buffer.append(pa.RecordBatch.from_arrays(columns, schema=self._schema))
 
-    def add_table(self, table: pa.Table) -> None:
-        """Buffer rows that already have the store schema (e.g. copied from a live view)."""
-        for batch in table.cast(self._schema).to_batches():
-            self._buffer.append(batch)
-
     def save_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
         """Keep the stripped ImageNet classifier beside the vectors (atomically)."""
         from safetensors.numpy import save
@@ -568,8 +563,7 @@ class StoreWriter:
 
     def _publish(self, parts: list[dict[str, Any]]) -> None:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self.metadata.setdefault("created", now)
-        if self.metadata.get("created") is None:
+        if self.metadata.get("created") is None:  # first commit of a new store
             self.metadata["created"] = now
         self.metadata["updated"] = now
         manifest = {
@@ -585,15 +579,3 @@ class StoreWriter:
         except OSError as exc:
             raise _disk_error(exc, self.path / MANIFEST) from None
         self._manifest = manifest
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike[str], metadata: dict[str, Any]) -> Iterator[StoreWriter]:
-    """``with writing(dir, metadata) as w:`` — a locked writer that commits what is pending."""
-    writer = StoreWriter(path, metadata)
-    writer.open()
-    try:
-        yield writer
-        writer.commit()
-    finally:
-        writer.close()
