@@ -61,7 +61,10 @@ def extract_cmd(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Decode processes [default: usable cores - 1]; 0 decodes in-process."),
+        typer.Option(
+            help="Decode processes; 0 decodes in-process. [default: chosen from measured "
+            "decode and model times after the first batches; usable cores - 1 until then]"
+        ),
     ] = None,
     device: Annotated[
         str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")
@@ -75,7 +78,10 @@ def extract_cmd(
     ] = "auto",
     threads: Annotated[
         int | None,
-        typer.Option(help="Model threads [default: usable cores - decode workers, at least 1]."),
+        typer.Option(
+            help="Model threads. [default: chosen with --workers from measured times; "
+            "usable cores - decode workers when --workers is given]"
+        ),
     ] = None,
     engine: Annotated[
         str,
@@ -137,6 +143,12 @@ def _print_summary(s: ExtractSummary) -> None:
         f"unchanged, deleted {s.deleted}, failed {s.n_failed}; {done} new rows in "
         f"{s.wall_s:.1f}s (model load included{rate})"
     )
+    if s.workers is not None:
+        how = {"measured": "chosen from this run's timings", "override": "--threads"}
+        console.print(
+            f"cores: {s.workers} decode worker(s), {s.threads} model thread(s) "
+            f"({how.get(s.split or '', 'cores - workers')})"
+        )
     if s.failed:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.failed.items()))
         console.print(f"failed by reason: {reasons}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -40,6 +42,7 @@ class Decoded:
     n_frames: int | None = None
     reason: str | None = None
     detail: str | None = None
+    seconds: float = 0.0  # wall time the worker spent on an "ok" file (for the thread policy)
 
 
 # Content hashes whose vectors the store already has. Set in the parent before the pool forks,
@@ -51,6 +54,7 @@ def decode_file(
     abspath: str, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Decoded:
     """Read, hash and decode one file; never raises for a bad file."""
+    t0 = time.perf_counter()
     try:
         with open(abspath, "rb") as f:
             data = f.read()
@@ -74,7 +78,9 @@ def decode_file(
         return Decoded(
             "failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}"
         )
-    return Decoded("ok", digest, pixels, img.width, img.height, img.n_frames)
+    return Decoded(
+        "ok", digest, pixels, img.width, img.height, img.n_frames, seconds=time.perf_counter() - t0
+    )
 
 
 def _init_worker() -> None:
@@ -125,6 +131,7 @@ class DecodePool:
         self.max_pixels = max_pixels
         self.known_hashes = frozenset(known_hashes)
         self._executor: ProcessPoolExecutor | None = None
+        self._resize_to: int | None = None
 
     def _new_executor(self) -> ProcessPoolExecutor:
         global _KNOWN_HASHES
@@ -134,6 +141,16 @@ class DecodePool:
         return ProcessPoolExecutor(
             self.workers, mp_context=mp.get_context("fork"), initializer=_init_worker
         )
+
+    def resize(self, workers: int) -> None:
+        """Use ``workers`` processes from the next submission of ``imap_unordered`` on.
+
+        Files queued but not started move to the new pool; files being decoded finish in the
+        old processes, which then exit. In-process decoding (0 workers) cannot change.
+        """
+        if workers < 1 or self.workers < 1:
+            raise ValueError("resize needs worker processes on both sides")
+        self._resize_to = workers
 
     def __enter__(self) -> DecodePool:
         return self
@@ -160,6 +177,15 @@ class DecodePool:
         pending: dict[Future[Decoded], tuple[int, str]] = {}
 
         def fill() -> None:
+            nonlocal it
+            if self._resize_to is not None:
+                # cancel() only succeeds for work no process has taken yet.
+                requeued = [pending.pop(f) for f in list(pending) if f.cancel()]
+                it = itertools.chain(requeued, it)
+                if self._resize_to != self.workers and self._executor is not None:
+                    self._executor.shutdown(wait=False)  # started files still finish
+                    self._executor = None
+                self.workers, self._resize_to = self._resize_to, None
             if self._executor is None:
                 self._executor = self._new_executor()
             while len(pending) < window:

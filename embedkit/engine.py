@@ -8,6 +8,7 @@ pass of the current batch because workers keep decoding into the in-flight windo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +19,7 @@ import torch
 from .decode import Decoded, DecodePool
 from .images import DEFAULT_MAX_PIXELS
 from .preprocess import Preprocess
+from .threads import balanced_split
 
 
 @dataclass
@@ -46,20 +48,40 @@ class Forward(Protocol):
 
 
 class LocalEngine:
-    """Decode workers on this machine + the model in this process."""
+    """Decode workers on this machine + the model in this process.
+
+    With ``balance_cores`` set, the split between decode workers and model threads is
+    re-chosen once, early in the run, from this run's own timings (``threads.balanced_split``):
+    seconds per decoded file reported by the workers, and forward seconds x threads per image.
+    The model must then have ``set_threads`` (the ``runtime`` runners do).
+    """
+
+    # Forward passes and decoded files to time before re-choosing the split.
+    BALANCE_AFTER_BATCHES = 2
+    BALANCE_AFTER_FILES = 4
 
     def __init__(
-        self, model: Forward, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        model: Forward,
+        batch_size: int,
+        workers: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        *,
+        balance_cores: int | None = None,
     ) -> None:
         self.model, self.batch_size = model, batch_size
         self.workers, self.max_pixels = workers, max_pixels
+        self.balance_cores = balance_cores if workers > 0 else None
+        self.balanced: tuple[int, int] | None = None  # (workers, threads) once re-chosen
+        self._decode_s: list[float] = []
+        self._model_s: list[float] = []  # core-seconds per image, one entry per batch
 
     def run(
         self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
     ) -> Iterator[Chunk]:
         # Enough files in flight to fill the next batch while this one runs, and to keep
-        # every worker busy.
-        window = max(2 * self.batch_size, 4 * max(self.workers, 1))
+        # every worker busy (as many as the balancing may choose).
+        window = max(2 * self.batch_size, 4 * max(self.workers, self.balance_cores or 0, 1))
         keys: list[int] = []
         results: list[Decoded] = []
         with DecodePool(
@@ -74,15 +96,42 @@ class LocalEngine:
                     continue
                 keys.append(key)
                 results.append(r)
+                if self._balancing:
+                    self._decode_s.append(r.seconds)
                 if len(keys) == self.batch_size:
                     yield self._forward(keys, results)
                     keys, results = [], []
+                    self._maybe_balance(pool)
         if keys:
             yield self._forward(keys, results)
 
+    @property
+    def _balancing(self) -> bool:
+        return self.balance_cores is not None and self.balanced is None
+
+    def _maybe_balance(self, pool: DecodePool) -> None:
+        if (
+            not self._balancing
+            or len(self._model_s) < self.BALANCE_AFTER_BATCHES
+            or len(self._decode_s) < self.BALANCE_AFTER_FILES
+        ):
+            return
+        # The fastest batch is the least disturbed one (the first may carry warm-up costs);
+        # the median decode is robust to a few huge or tiny files.
+        workers, threads = balanced_split(
+            self.balance_cores, float(np.median(self._decode_s)), min(self._model_s)
+        )
+        pool.resize(workers)
+        self.model.set_threads(threads)  # type: ignore[attr-defined]
+        self.workers, self.balanced = workers, (workers, threads)
+
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
         pixels = torch.from_numpy(np.stack([r.pixels for r in results]))
+        t0 = time.perf_counter()
         vectors = self.model.forward(pixels)
+        if self._balancing:
+            threads = getattr(self.model, "threads", 1)
+            self._model_s.append((time.perf_counter() - t0) * threads / len(results))
         # Drop the pixels: they are not needed past this point and a batch of them is MBs.
         slim = [
             Decoded(r.status, r.content_hash, None, r.width, r.height, r.n_frames) for r in results

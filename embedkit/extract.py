@@ -30,7 +30,7 @@ from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
 from .progress import ExtractProgress
 from .runtime import make_forward
 from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id, vectors_of
-from .threads import default_workers, plan_threads
+from .threads import default_workers, plan_threads, usable_cores
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the
 # environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
@@ -52,6 +52,11 @@ class ExtractSummary:
     rows: int = 0  # live embedded rows in the store after the run
     wall_s: float = 0.0  # the whole run, model loading included
     embed_s: float = 0.0  # decoding + forward + commits only
+    # How the cores were split (local engine): decode workers, model threads, and whether the
+    # split came from the static policy, --threads/--workers, or this run's timings.
+    workers: int | None = None
+    threads: int | None = None
+    split: str | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -73,6 +78,9 @@ class ExtractSummary:
             "wall_s": round(self.wall_s, 3),
             "embed_s": round(self.embed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
+            "workers": self.workers,
+            "threads": self.threads,
+            "split": self.split,
         }
 
 
@@ -201,6 +209,9 @@ def extract(
         batch_size: images per forward pass (default ``DEFAULT_BATCH`` for the device and
             runtime: 8 for torch on CPU, 16 for ONNX Runtime, 64 on CUDA).
         workers: decode processes (default: usable cores - 1, at least 1; 0 decodes in-process).
+            When neither ``workers`` nor ``threads`` is given on CPU, the split is re-chosen
+            after the first batches from measured decode and model times
+            (``threads.balanced_split``); ``ExtractSummary.workers/threads/split`` say what ran.
         device: ``auto``, ``cpu`` or ``cuda``.
         normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
             ImageNet head usable; search normalises on its own).
@@ -246,7 +257,15 @@ def extract(
         if f.reason in ("unreadable_dir", "symlink_loop")
     ]
     backbone = load_backbone(model, weights=weights, random_init=random_init, device=device)
-    nworkers = default_workers() if workers is None else workers
+    local = engine in (None, "local")
+    # Balanced runs start decode-heavy (a worker per core, one model thread: the split that
+    # wins when decoding is the bottleneck, and costs nothing when it is not, because idle
+    # workers wait on a full window) and re-choose after the first batches.
+    balance = local and workers is None and threads is None and backbone.device.type == "cpu"
+    if workers is not None:
+        nworkers = workers
+    else:
+        nworkers = usable_cores() if balance else default_workers()
     summary = ExtractSummary(store=os.fspath(store))
     if engine == "ray":
         from .engine_ray import RayEngine
@@ -262,10 +281,11 @@ def extract(
             preprocess=backbone.preprocess,
             weights_sha256=backbone.weights_sha256,
         )
+    thread_plan = plan_threads(nworkers, threads)
     forward = make_forward(
         backbone,
         "torch" if engine not in (None, "local") else runtime,
-        plan_threads(nworkers, threads).intra_op,
+        thread_plan.intra_op,
     )
     bs = batch_size or default_batch_size(backbone.device.type, forward.runtime)
     metadata = {
@@ -311,7 +331,15 @@ def extract(
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
         runner = (
-            LocalEngine(forward, bs, nworkers, max_pixels) if engine in (None, "local") else engine
+            LocalEngine(
+                forward,
+                bs,
+                nworkers,
+                max_pixels,
+                balance_cores=thread_plan.cores if balance else None,
+            )
+            if local
+            else engine
         )
         t_embed = time.perf_counter()
         try:
@@ -323,6 +351,9 @@ def extract(
             # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
             writer.commit()
             summary.embed_s = time.perf_counter() - t_embed
+            if isinstance(runner, LocalEngine):
+                summary.workers, summary.threads = runner.workers, forward.threads
+                summary.split = "measured" if runner.balanced else thread_plan.source
         summary.rows = _count_ok(writer)
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -61,6 +61,10 @@ class Runner(Protocol):
         """uint8 (N, H, W, 3) -> float32 (N, dim)."""
         ...
 
+    def set_threads(self, threads: int) -> None:
+        """Run later batches with ``threads`` intra-op threads."""
+        ...
+
     def metadata(self) -> dict[str, Any]:
         """What the store records about how the vectors were computed."""
         ...
@@ -78,6 +82,10 @@ class TorchRunner:
 
     def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
         return self.backbone.forward(batch_uint8)
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        torch.set_num_threads(threads)
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -100,12 +108,7 @@ class OnnxRunner:
 
         self.backbone, self.path, self.threads, self.opset = backbone, path, threads, opset
         self.dim, self.preprocess = backbone.dim, backbone.preprocess
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1  # a CNN is one chain of ops; parallelism is inside them
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = self._session(threads)
         self.ort_version = ort.__version__
         self.probe_max_abs_diff: float | None = None
         self.probe_tolerance: float | None = None
@@ -120,6 +123,21 @@ class OnnxRunner:
         x = np.ascontiguousarray(batch_uint8.cpu().numpy())
         (y,) = self.session.run([_OUTPUT], {_INPUT: x})
         return np.asarray(y, dtype=np.float32)
+
+    def set_threads(self, threads: int) -> None:
+        # ORT fixes its thread pool when the session is made; a new session costs ~0.1-0.5 s.
+        if threads != self.threads:
+            self.session, self.threads = self._session(threads), threads
+
+    def _session(self, threads: int) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1  # a CNN is one chain of ops; parallelism is inside them
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
     @property
     def sha256(self) -> str:

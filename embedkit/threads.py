@@ -28,7 +28,8 @@ class ThreadPlan:
         cores: usable cores (affinity and cgroup quota applied).
         workers: decode worker processes.
         intra_op: model threads (torch ``set_num_threads`` / ONNX Runtime intra-op).
-        source: ``policy`` (cores - workers) or ``override`` (``--threads``).
+        source: ``policy`` (cores - workers), ``override`` (``--threads``) or ``measured``
+            (``balanced_split`` from the run's own decode and model timings).
     """
 
     cores: int
@@ -119,6 +120,42 @@ def plan_threads(workers: int, threads: int | None = None, cores: int | None = N
     if threads is not None:
         return ThreadPlan(n, workers, threads, "override")
     return ThreadPlan(n, workers, max(1, n - workers), "policy")
+
+
+def balanced_split(cores: int, decode_s: float, model_s: float) -> tuple[int, int]:
+    """``(decode workers, model threads)`` that should embed the most images per second.
+
+    Args:
+        cores: usable cores.
+        decode_s: seconds one decode worker spends per image (read, hash, decode, resize).
+        model_s: core-seconds the model spends per image (forward time x threads / batch).
+
+    The predicted rate of a split is ``min(w / decode_s, t / model_s, cores / (decode_s +
+    model_s))``: decoders, model, and the CPU as a whole. Splits never give the model more
+    threads than the cores the workers leave (``w + t <= cores``), with one exception: a
+    *single* model thread beside up to ``cores`` workers, for decode-bound runs. One thread
+    has no OpenMP/ORT team to spin-wait (the 5-40x collapse of multi-thread teams sharing a
+    core), and it is busy only ``model_s / (decode_s + model_s)`` of the time, so the busy
+    threads still fit the cores. Within 2% of the best rate, the split with fewer processes
+    and threads wins (predictions are rough; idle threads are not free).
+
+    Measured on 2 cores, 12 MP JPEGs: efficientnet_lite0 42 img/s with (1, 1), 50 with
+    (2, 1); mobilenetv2_100 44 vs 59 (`benchmarks/RESULTS.md`).
+    """
+    if cores < 1 or decode_s <= 0 or model_s <= 0:
+        raise InvalidArgumentError("balanced_split needs cores >= 1 and positive timings")
+    cpu_rate = cores / (decode_s + model_s)
+    scored = []
+    for t in range(1, cores + 1):
+        for w in range(1, cores + 1):
+            if w + t > cores and t > 1:
+                continue
+            rate = min(w / decode_s, t / model_s, cpu_rate)
+            scored.append((rate, w, t))
+    best = max(rate for rate, _, _ in scored)
+    near = [(w + t, -t, w) for rate, w, t in scored if rate >= 0.98 * best]
+    _, neg_t, w = min(near)
+    return w, -neg_t
 
 
 def default_workers(cores: int | None = None) -> int:

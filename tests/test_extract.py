@@ -299,3 +299,16 @@ def test_store_records_every_runtime_used(photo_dir, tmp_path):
     _extract(photo_dir / "img1.jpg", tmp_path / "s", runtime="onnx")
     md = open_store(tmp_path / "s").metadata
     assert md["runtime"] == "onnx" and md["runtimes"] == ["onnx", "torch"]
+
+
+def test_default_split_is_chosen_from_measured_times(photo_dir, tmp_path):
+    """Without --workers/--threads the split is re-chosen from the run's timings."""
+    s = _extract(photo_dir, tmp_path / "a", workers=None, batch_size=2)
+    assert s.embedded == 7 and s.split == "measured"
+    assert s.workers >= 1 and s.threads >= 1
+    assert s.workers + s.threads <= os.cpu_count() or s.threads == 1
+    fixed = _extract(photo_dir, tmp_path / "b", workers=1, batch_size=2)
+    assert (fixed.workers, fixed.split) == (1, "policy")
+    a, b = open_store(tmp_path / "a"), open_store(tmp_path / "b")
+    rows = [a.row_of(int(i)) for i in b.ids]
+    np.testing.assert_allclose(a.vectors[rows], b.vectors, rtol=1e-5, atol=1e-6)

@@ -69,6 +69,18 @@ def test_onnx_equals_torch(which, request, tmp_path):
     assert meta["threads"] == 1 and meta["onnxruntime_version"] and len(meta["onnx_sha256"]) == 64
 
 
+@pytest.mark.parametrize("name", ["torch", "onnx"])
+def test_set_threads_changes_threads_not_vectors(tiny, tmp_path, name):
+    r = make_forward(tiny, name, threads=1, cache_dir=tmp_path)
+    batch = probe_batch(tiny.preprocess.size, n=3, seed=3)
+    before = r.forward(batch)
+    r.set_threads(2)
+    assert r.threads == 2 and r.metadata()["threads"] == 2
+    if name == "torch":
+        assert torch.get_num_threads() == 2
+    _assert_close(r.forward(batch), before)
+
+
 def test_forward_checks_its_input(tiny, tmp_path):
     r = make_forward(tiny, "onnx", threads=1, cache_dir=tmp_path)
     with pytest.raises(InvalidArgumentError, match="uint8"):
