@@ -132,6 +132,7 @@ class DecodePool:
         self.known_hashes = frozenset(known_hashes)
         self._executor: ProcessPoolExecutor | None = None
         self._resize_to: int | None = None
+        self._window = 1
 
     def _new_executor(self) -> ProcessPoolExecutor:
         global _KNOWN_HASHES
@@ -142,8 +143,9 @@ class DecodePool:
             self.workers, mp_context=mp.get_context("fork"), initializer=_init_worker
         )
 
-    def resize(self, workers: int) -> None:
-        """Use ``workers`` processes from the next submission of ``imap_unordered`` on.
+    def resize(self, workers: int, window: int | None = None) -> None:
+        """Use ``workers`` processes (and ``window`` files in flight) from the next submission
+        of ``imap_unordered`` on.
 
         Files queued but not started move to the new pool; files being decoded finish in the
         old processes, which then exit. In-process decoding (0 workers) cannot change.
@@ -151,6 +153,8 @@ class DecodePool:
         if workers < 1 or self.workers < 1:
             raise ValueError("resize needs worker processes on both sides")
         self._resize_to = workers
+        if window is not None:
+            self._window = window
 
     def __enter__(self) -> DecodePool:
         return self
@@ -166,7 +170,9 @@ class DecodePool:
     def imap_unordered(
         self, tasks: Iterable[tuple[int, str]], window: int
     ) -> Iterator[tuple[int, Decoded]]:
-        """Yield ``(key, Decoded)`` for ``(key, abspath)`` tasks, at most ``window`` in flight."""
+        """Yield ``(key, Decoded)`` for ``(key, abspath)`` tasks, at most ``window`` in flight
+        (``resize`` may change both later)."""
+        self._window = window
         if self.workers <= 0:  # in-process decoding: no isolation, for debugging
             global _KNOWN_HASHES
             _KNOWN_HASHES = self.known_hashes
@@ -188,7 +194,7 @@ class DecodePool:
                 self.workers, self._resize_to = self._resize_to, None
             if self._executor is None:
                 self._executor = self._new_executor()
-            while len(pending) < window:
+            while len(pending) < self._window:
                 task = next(it, None)
                 if task is None:
                     return

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import IndexStateError, InvalidArgumentError
 from .index import Index
+from .ondisk import OnDiskIndex
 from .search import Log, open_index
 from .store import Store, open_store
 
@@ -80,7 +81,7 @@ def group_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     k: int = DEFAULT_K,
-    index: Index | None = None,
+    index: Index | OnDiskIndex | None = None,
     paths: list[str] | None = None,
 ) -> list[DuplicateGroup]:
     """Duplicate groups among rows of ``vectors``.
@@ -91,7 +92,7 @@ def group_duplicates(
         hashes: content hashes per row (exact duplicates), or None.
         threshold: cosine similarity at or above which two images are near duplicates.
         k: neighbours looked up per image.
-        index: a cosine ``Index`` holding these ids (built on the fly when None).
+        index: a cosine ``Index`` or ``OnDiskIndex`` holding these ids (built when None).
         paths: per-row paths to put in the result.
 
     Returns:
@@ -185,10 +186,26 @@ def find_duplicates(
         k: neighbours looked up per image.
         log: receives index maintenance messages.
     """
-    st = store if isinstance(store, Store) else open_store(store)
+    st = store if isinstance(store, Store) else open_store(store, vectors=False)
     if len(st.ids) == 0:
         return []
     index = open_index(st, log=log)
+    if isinstance(index, OnDiskIndex):
+        # Past RAM: the queries are the index's own memory-mapped vectors, read block by block;
+        # the store's vectors are never loaded.
+        if index.metric != "cosine":
+            raise InvalidArgumentError(
+                "duplicates need a cosine index; rebuild with `embedkit index --metric cosine`"
+            )
+        rows = st.rows_of_ids(index.ids)
+        if (rows < 0).any():  # cannot happen: open_index brought the index to the store
+            raise IndexStateError("the on-disk index has ids the store does not; rebuild it")
+        aligned = bool(np.array_equal(rows, np.arange(len(rows))))
+        hashes = st.hashes if aligned else [st.hashes[r] for r in rows.tolist()]
+        paths = st.abspaths if aligned else [st.abspath(r) for r in rows.tolist()]
+        return group_duplicates(
+            index.vectors, index.ids, hashes, threshold, k=k, index=index, paths=paths
+        )
     if index.metric != "cosine":
         index = Index.build(st.vectors, st.ids, metric="cosine")  # an l2 index: a cosine one here
     return group_duplicates(

@@ -9,7 +9,7 @@ pass of the current batch because workers keep decoding into the in-flight windo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,7 +53,8 @@ class LocalEngine:
     With ``balance_cores`` set, the split between decode workers and model threads is
     re-chosen once, early in the run, from this run's own timings (``threads.balanced_split``):
     seconds per decoded file reported by the workers, and forward seconds x threads per image.
-    The model must then have ``set_threads`` (the ``runtime`` runners do).
+    The model must then have ``set_threads`` (the ``runtime`` runners do);
+    ``batch_for_threads`` (when given) sets the batch size for the new thread count.
     """
 
     # Forward passes and decoded files to time before re-choosing the split.
@@ -68,10 +69,12 @@ class LocalEngine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         *,
         balance_cores: int | None = None,
+        batch_for_threads: Callable[[int], int] | None = None,
     ) -> None:
         self.model, self.batch_size = model, batch_size
         self.workers, self.max_pixels = workers, max_pixels
         self.balance_cores = balance_cores if workers > 0 else None
+        self.batch_for_threads = batch_for_threads  # a new batch size with a new split
         self.balanced: tuple[int, int] | None = None  # (workers, threads) once re-chosen
         self._decode_s: list[float] = []
         self._model_s: list[float] = []  # core-seconds per image, one entry per batch
@@ -79,9 +82,7 @@ class LocalEngine:
     def run(
         self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
     ) -> Iterator[Chunk]:
-        # Enough files in flight to fill the next batch while this one runs, and to keep
-        # every worker busy (as many as the balancing may choose).
-        window = max(2 * self.batch_size, 4 * max(self.workers, self.balance_cores or 0, 1))
+        window = self._window()
         keys: list[int] = []
         results: list[Decoded] = []
         with DecodePool(
@@ -105,6 +106,11 @@ class LocalEngine:
         if keys:
             yield self._forward(keys, results)
 
+    def _window(self) -> int:
+        # Enough files in flight to fill the next batch while this one runs, and to keep
+        # every worker busy (as many as the balancing may choose).
+        return max(2 * self.batch_size, 4 * max(self.workers, self.balance_cores or 0, 1))
+
     @property
     def _balancing(self) -> bool:
         return self.balance_cores is not None and self.balanced is None
@@ -121,9 +127,11 @@ class LocalEngine:
         workers, threads = balanced_split(
             self.balance_cores, float(np.median(self._decode_s)), min(self._model_s)
         )
-        pool.resize(workers)
         self.model.set_threads(threads)  # type: ignore[attr-defined]
         self.workers, self.balanced = workers, (workers, threads)
+        if self.batch_for_threads is not None:
+            self.batch_size = self.batch_for_threads(threads)
+        pool.resize(workers, self._window())
 
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
         pixels = torch.from_numpy(np.stack([r.pixels for r in results]))

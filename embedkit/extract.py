@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -85,12 +86,20 @@ class ExtractSummary:
 
 
 # Images per forward pass when the user does not say. CPU torch eager gets slower past
-# batch 8 on small caches (measured on 2 vCPUs: batch 32 slower than 8); ONNX Runtime keeps
-# its speed up to 16 and amortises per-call overhead; GPUs want large batches.
-DEFAULT_BATCH = {("cuda", "torch"): 64, ("cpu", "torch"): 8, ("cpu", "onnx"): 16}
+# batch 8 on small caches (measured on 2 vCPUs: batch 32 slower than 8); GPUs want large
+# batches. ONNX Runtime on CPU: per model thread (ORT_PER_THREAD). Measured on 2 vCPUs: with one
+# thread, batch 4/8/16 run at the same speed (efficientnet_lite0 80 img/s, resnet50 13) and
+# smaller batches keep the decode pipeline smoother end to end (lite0 on 12 MP JPEGs 50.4 img/s
+# at 8 vs 48.9 at 16); with two threads ORT needs bigger batches to use both (lite0 89 / 102 /
+# 126 img/s at 4 / 8 / 16).
+DEFAULT_BATCH = {("cuda", "torch"): 64, ("cpu", "torch"): 8}
+ORT_PER_THREAD, ORT_MAX_BATCH = 8, 64
 
 
-def default_batch_size(device: str, runtime: str) -> int:
+def default_batch_size(device: str, runtime: str, threads: int = 1) -> int:
+    """Images per forward pass for a device, runtime and model thread count."""
+    if (device, runtime) == ("cpu", "onnx"):
+        return min(ORT_MAX_BATCH, ORT_PER_THREAD * max(1, threads))
     return DEFAULT_BATCH.get((device, runtime), 16)
 
 
@@ -206,8 +215,9 @@ def extract(
         model: a preset or any timm model name.
         weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
         random_init: random weights on purpose; recorded in the store.
-        batch_size: images per forward pass (default ``DEFAULT_BATCH`` for the device and
-            runtime: 8 for torch on CPU, 16 for ONNX Runtime, 64 on CUDA).
+        batch_size: images per forward pass (default ``default_batch_size`` for the device,
+            runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX Runtime,
+            64 on CUDA; re-chosen with the thread split).
         workers: decode processes (default: usable cores - 1, at least 1; 0 decodes in-process).
             When neither ``workers`` nor ``threads`` is given on CPU, the split is re-chosen
             after the first batches from measured decode and model times
@@ -287,7 +297,7 @@ def extract(
         "torch" if engine not in (None, "local") else runtime,
         thread_plan.intra_op,
     )
-    bs = batch_size or default_batch_size(backbone.device.type, forward.runtime)
+    bs = batch_size or default_batch_size(backbone.device.type, forward.runtime, forward.threads)
     metadata = {
         **store_metadata(backbone, normalize),
         **forward.metadata(),
@@ -337,6 +347,11 @@ def extract(
                 nworkers,
                 max_pixels,
                 balance_cores=thread_plan.cores if balance else None,
+                batch_for_threads=(
+                    None
+                    if batch_size
+                    else partial(default_batch_size, backbone.device.type, forward.runtime)
+                ),
             )
             if local
             else engine

@@ -18,7 +18,7 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     Keys: rows, failed, failed_by_reason, dim, model, weights_source, weights_sha256,
     random_init, normalize, preprocess, version, parts, bytes, created, updated, versions.
     """
-    store = open_store(path)
+    store = open_store(path, vectors=False)  # counts and metadata: no vectors needed
     md = store.metadata
     failed = store.table.filter(pc.equal(store.table["status"], STATUS_FAILED))
     manifest = read_manifest(path) or {}

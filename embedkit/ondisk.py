@@ -309,6 +309,17 @@ class OnDiskIndex:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def vectors(self) -> np.ndarray:
+        """The indexed vectors (memory-mapped, read-only; L2-normalised for cosine), in the
+        store's live order at build time, aligned with ``ids``."""
+        return self._vectors
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Store ids of ``vectors``' rows (memory-mapped)."""
+        return self._ids
+
     def search(
         self, queries: Any, k: int = 10, *, nprobe: int | None = None, k_factor: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -432,7 +432,9 @@ def search(
     """
     if threshold is None and k < 1:
         raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    st = store if isinstance(store, Store) else open_store(store)
+    # Vectors are read only where needed: the queried rows, and all of them only for an in-RAM
+    # index that re-ranks (which fits the memory budget by construction).
+    st = store if isinstance(store, Store) else open_store(store, vectors=False)
     labels, vectors = _resolve_queries(st, list(queries), list(vector_files), device)
     if not labels:
         raise InvalidArgumentError(
@@ -446,18 +448,16 @@ def search(
         per_query = [(scores[i], ids[i]) for i in range(len(labels))]
     else:
         per_query = index.search_threshold(vectors, threshold)
-    row_by_id = {int(i): n for n, i in enumerate(st.ids)}
-    abspaths = st.abspaths
     results = []
     for (label, self_id), (q_scores, q_ids) in zip(labels, per_query, strict=True):
         hits: list[Hit] = []
-        for score, id_ in zip(q_scores.tolist(), q_ids.tolist(), strict=True):
+        rows = st.rows_of_ids(q_ids).tolist()
+        for score, id_, row in zip(q_scores.tolist(), q_ids.tolist(), rows, strict=True):
             if id_ < 0 or (exclude_self and id_ == self_id):
                 continue
-            row = row_by_id.get(id_)
-            if row is None:  # cannot happen: the index was just brought to the store's rows
+            if row < 0:  # cannot happen: the index was just brought to the store's rows
                 raise IndexStateError(f"index returned unknown id {id_}; {_rebuild_hint(st)}")
-            hits.append(Hit(len(hits) + 1, float(score), int(id_), abspaths[row]))
+            hits.append(Hit(len(hits) + 1, float(score), int(id_), st.abspath(row)))
         results.append(QueryResult(label, hits if threshold is not None else hits[:k]))
     return results
 
@@ -479,7 +479,7 @@ def _resolve_queries(
             row = None
         if row is not None:
             labels.append((os.fspath(q) if not isinstance(q, int) else str(q), int(store.ids[row])))
-            vectors.append(store.vectors[row : row + 1])
+            vectors.append(store.vectors_at([row]))
         elif not isinstance(q, int) and os.path.isfile(q):
             images.append((len(vectors), os.fspath(q)))
             labels.append((os.fspath(q), None))

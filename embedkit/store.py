@@ -104,13 +104,16 @@ def fingerprint_of(metadata: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Store:
-    """The live view of a store, read in one go.
+    """The live view of a store.
 
     Attributes:
         path: the store directory.
-        table: every live row (ok and failed), in commit order.
+        table: every live row (ok and failed), in commit order; without the embedding column
+            when the store was opened with ``vectors=False``.
         ids: int64 (N,) ids of the ok rows, aligned with ``vectors``.
-        vectors: C-contiguous float32 (N, D) embeddings of the ok rows.
+        vectors: C-contiguous float32 (N, D) embeddings of the ok rows. With
+            ``open_store(..., vectors=False)`` they are read on first access; ``vectors_at``
+            reads single rows without loading them all.
         metadata: the store metadata (model, weights, preprocessing, versions, ...).
         version: the manifest version; increases with every commit.
     """
@@ -118,13 +121,54 @@ class Store:
     path: Path
     table: pa.Table
     ids: np.ndarray
-    vectors: np.ndarray
+    _vectors: np.ndarray | None
     metadata: dict[str, Any]
     version: int
     paths: list[str] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
-    _row_by_id: dict[int, int] | None = field(default=None, repr=False)
+    # Where each ok row lives: (part file, row in that part), for reads of a few vectors.
+    _where: tuple[list[str], np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _id_order: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        if self._vectors is None:
+            self._vectors = self.vectors_at(np.arange(len(self.ids)))
+        return self._vectors
+
+    def vectors_at(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 (len(rows), D) vectors of some ok rows, reading only the parts they are in."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._vectors is not None:
+            return np.ascontiguousarray(self._vectors[rows])
+        assert self._where is not None  # opened with vectors=False
+        files, part_of, row_in_part = self._where
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for part in np.unique(part_of[rows]):
+            sel = np.nonzero(part_of[rows] == part)[0]
+            file = self.path / files[part]
+            try:
+                col = pq.read_table(file, columns=["embedding"])["embedding"]
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"cannot read part {file}: {exc}; the store is damaged") from None
+            taken = col.take(pa.array(row_in_part[rows[sel]])).combine_chunks()
+            out[sel] = taken.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+        return out
+
+    def rows_of_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row of each id in the ok arrays, -1 for ids not stored (no dict: O(N) int64s)."""
+        if self._id_order is None:
+            self._id_order = np.argsort(self.ids, kind="stable")
+        want = np.asarray(ids, dtype=np.int64)
+        if len(self.ids) == 0:
+            return np.full(len(want), -1, dtype=np.int64)
+        sorted_ids = self.ids[self._id_order]
+        pos = np.clip(np.searchsorted(sorted_ids, want), 0, len(sorted_ids) - 1)
+        return np.where(sorted_ids[pos] == want, self._id_order[pos], -1)
+
+    def abspath(self, row: int) -> str:
+        return os.path.join(self.roots[row], self.paths[row])
 
     @property
     def dim(self) -> int:
@@ -147,11 +191,9 @@ class Store:
 
     def row_of(self, key: int | str) -> int:
         """Row in the ok arrays for an id, a stored relative path, or an absolute path."""
-        if self._row_by_id is None:
-            self._row_by_id = {int(i): n for n, i in enumerate(self.ids)}
         if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
-            row = self._row_by_id.get(int(key))
-            if row is not None:
+            row = int(self.rows_of_ids([int(key)])[0])
+            if row >= 0:
                 return row
         if isinstance(key, str):
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
@@ -197,16 +239,26 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return manifest
 
 
-def _read_parts(path: Path, manifest: dict[str, Any]) -> pa.Table:
+_PART, _ROW = "__part", "__row"  # where a row was read from (open_store(vectors=False))
+
+
+def _read_parts(path: Path, manifest: dict[str, Any], vectors: bool = True) -> pa.Table:
     dim = int(manifest["metadata"]["dim"])
     schema = store_schema(dim)
+    if not vectors:
+        keep = [f for f in schema if f.name != "embedding"]
+        schema = pa.schema(keep + [pa.field(_PART, pa.int32()), pa.field(_ROW, pa.int64())])
     tables = []
-    for part in manifest["parts"]:
+    for n, part in enumerate(manifest["parts"]):
         file = path / part["file"]
+        names = list(schema.names) if vectors else [f.name for f in keep]
         try:
-            t = pq.read_table(file)
+            t = pq.read_table(file, columns=names)
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"cannot read part {file}: {exc}; the store is damaged") from None
+        if not vectors:
+            t = t.append_column(_PART, pa.array(np.full(t.num_rows, n, dtype=np.int32)))
+            t = t.append_column(_ROW, pa.array(np.arange(t.num_rows, dtype=np.int64)))
         tables.append(t.select(list(schema.names)).cast(schema))
     if not tables:
         return schema.empty_table()
@@ -236,8 +288,14 @@ def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
+def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
     """Read the committed live view of a store.
+
+    Args:
+        path: the store directory.
+        vectors: load every vector now (default). ``False`` reads the other columns only, and
+            ``Store.vectors`` / ``Store.vectors_at`` read vectors when asked: what search
+            needs for a store whose vectors do not fit in memory.
 
     Raises:
         StoreError: the directory is not a store, or a part file is damaged.
@@ -252,14 +310,20 @@ def open_store(path: str | os.PathLike[str]) -> Store:
         raise StoreError(
             f"{p} is not an embedkit store yet (no {MANIFEST}); run `embedkit extract`"
         )
-    table = live_rows(_read_parts(p, manifest))
+    table = live_rows(_read_parts(p, manifest, vectors))
     ok = table.filter(pc.equal(table["status"], STATUS_OK))
     metadata = manifest["metadata"]
+    where = None
+    if not vectors:
+        files = [part["file"] for part in manifest["parts"]]
+        where = (files, ok[_PART].to_numpy(), ok[_ROW].to_numpy())
+        table = table.drop_columns([_PART, _ROW])
     return Store(
         path=p,
         table=table,
         ids=ok["id"].to_numpy().astype(np.int64, copy=False),
-        vectors=vectors_of(ok, int(metadata["dim"])),
+        _vectors=vectors_of(ok, int(metadata["dim"])) if vectors else None,
+        _where=where,
         metadata=metadata,
         version=int(manifest["version"]),
         paths=ok["path"].to_pylist(),

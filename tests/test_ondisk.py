@@ -170,6 +170,10 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
     assert recall_at_k(found, truth) >= 0.9
     hits = search(st, [int(ids[7])], k=1)[0].hits
     assert hits[0].id == ids[7] and hits[0].path.endswith(f"{ids[7]}.jpg")
+    # From a path, search reads the queried row only: the store's vectors stay on disk.
+    lazy = open_store(path, vectors=False)
+    assert search(lazy, [int(ids[7])], k=1)[0].hits[0].id == ids[7]
+    assert lazy._vectors is None
     r = runner.invoke(app, ["search", str(path), str(int(ids[7])), "-k", "3", "--csv"])
     assert r.exit_code == 0, r.output
     assert f",1,1.000000,{ids[7]}," in r.stdout
@@ -181,3 +185,54 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
     assert not (path / INDEX_DIR).exists()
     assert index_store(path, key="Flat", max_memory=2**20).index.key == "Flat"
     assert not (path / ONDISK_DIR).exists()
+
+
+def test_duplicates_through_the_ondisk_index_match_the_in_ram_ones(tmp_path):
+    """Past RAM, duplicates query the on-disk index with its memory-mapped vectors and never
+    load the store's; the groups equal the in-RAM path's on the same store."""
+    from embedkit.duplicates import find_duplicates
+    from embedkit.search import ONDISK_DIR, index_store
+    from embedkit.store import open_store
+
+    rng = np.random.default_rng(5)
+    n = 6_000
+    x = clustered(rng, n, k=300)
+    planted = rng.choice(n, 40, replace=False)
+    x[planted[20:]] = x[planted[:20]] + 0.01 * rng.normal(size=(20, DIM)).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64) * 3 + 1
+    path = tmp_path / "store"
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, ids[:3000], x[:3000])
+        _write(w, ids[3000:], x[3000:])
+
+    def groups():
+        return sorted(sorted(m.id for m in g.members) for g in find_duplicates(path, 0.99))
+
+    index_store(path, max_memory=2**18)  # 6k x 32-d = 768 KB of vectors: on disk
+    assert (path / ONDISK_DIR).exists()
+    lazy = open_store(path, vectors=False)
+    ondisk = sorted(sorted(m.id for m in g.members) for g in find_duplicates(lazy, 0.99))
+    assert lazy._vectors is None
+    index_store(path)  # the default budget: back in RAM
+    assert not (path / ONDISK_DIR).exists()
+    in_ram = groups()
+    pairs = sorted(
+        sorted([int(ids[a]), int(ids[b])]) for a, b in zip(planted[:20], planted[20:], strict=True)
+    )
+    assert all(p in in_ram for p in pairs)
+    assert ondisk == in_ram
+
+
+def test_lazy_store_reads_single_vectors_from_their_parts(synthetic_store):
+    from embedkit.store import open_store
+
+    path, ids, x, _ = synthetic_store
+    lazy = open_store(path, vectors=False)
+    assert lazy._vectors is None and "embedding" not in lazy.table.column_names
+    want = ids[[0, 5, 6, 8_500, len(ids) - 1]]
+    rows = lazy.rows_of_ids(np.append(want, [2]))  # 2 is no stored id
+    assert rows[-1] == -1
+    full = open_store(path)
+    np.testing.assert_array_equal(lazy.vectors_at(rows[:-1]), full.vectors[rows[:-1]])
+    assert lazy.abspath(int(rows[0])) == full.abspaths[int(rows[0])]
+    np.testing.assert_array_equal(lazy.vectors, full.vectors)  # all of them, on first access
