@@ -44,7 +44,8 @@ def sample(c: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def write_store(path: Path, n: int, dim: int, seed: int) -> float:
-    from embedkit.store import STATUS_OK, StoreWriter
+    from embedkit.store import STATUS_OK
+    from embedkit.store_writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
     c = centers(dim, seed)

@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 
 from embedkit.duplicates import group_duplicates
-from embedkit.index import DEFAULT_MAX_MEMORY, Index, choose_index_key
+from embedkit.index import Index
+from embedkit.index_choice import DEFAULT_MAX_MEMORY, choose_index_key
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"

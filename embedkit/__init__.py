@@ -40,13 +40,13 @@ _EXPORTS = {
     "WeightsMismatchError": "errors",
     "WeightsUnavailableError": "errors",
     "backbone_for_store": "embed",
-    "choose_index_key": "index",
+    "choose_index_key": "index_choice",
     "classify": "classify",
     "embed": "embed",
     "export_store": "store",
     "extract": "extract",
     "find_duplicates": "duplicates",
-    "find_images": "images",
+    "find_images": "sources",
     "imagenet_labels": "backbones",
     "index_store": "search",
     "knn_classify": "knn",
@@ -87,13 +87,15 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from .extract import ExtractSummary, extract
-    from .images import FAILURE_REASONS, find_images, open_rgb
-    from .index import Index, choose_index_key
+    from .images import FAILURE_REASONS, open_rgb
+    from .index import Index
+    from .index_choice import choose_index_key
     from .info import store_info
     from .knn import knn_classify, knn_evaluate
     from .probe import Probe, load_probe, train_probe, train_store_probe
     from .runtime import RuntimeMismatchError, make_forward
     from .search import Hit, IndexReport, QueryResult, index_store, open_index, search
+    from .sources import find_images
     from .store import Store, export_store, open_store
 
 

@@ -21,7 +21,7 @@ from .defaults import KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 if TYPE_CHECKING:  # the library (torch, scikit-learn) loads in the command, not at --help
     from .classify import Prediction
     from .knn import KnnEvaluation
-    from .probe import Evaluation
+    from .metrics import Evaluation
 
 probe_app = typer.Typer(
     help="Linear probes and k-NN classifiers on stored features, trained on your own labels.",

@@ -16,7 +16,7 @@ from .cli_app import app
 from .clikit import OutputFormat, console, err_console, print_json, run_command
 from .duplicates import DEFAULT_K, DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
 from .errors import InvalidArgumentError
-from .index import DEFAULT_MAX_MEMORY
+from .index_choice import DEFAULT_MAX_MEMORY
 from .search import QueryResult, index_store, search
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory (from `embedkit extract`).")]

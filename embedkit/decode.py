@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import store
+from . import store_writer
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_rgb
 from .preprocess import Preprocess
 
@@ -100,10 +100,10 @@ def _init_worker() -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
-    for fd in list(store.HELD_LOCK_FDS):
+    for fd in list(store_writer.HELD_LOCK_FDS):
         with contextlib.suppress(OSError):
             os.close(fd)
-    store.HELD_LOCK_FDS.clear()
+    store_writer.HELD_LOCK_FDS.clear()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)

@@ -124,10 +124,13 @@ class LocalEngine:
             return
         # The fastest batch is the least disturbed one (the first may carry warm-up costs);
         # the median decode is robust to a few huge or tiny files.
+        may_share = bool(getattr(self.model, "can_share_cores", False))
+        cores = self.balance_cores
         workers, threads = balanced_split(
-            self.balance_cores, float(np.median(self._decode_s)), min(self._model_s)
+            cores, float(np.median(self._decode_s)), min(self._model_s), teams_may_share=may_share
         )
-        self.model.set_threads(threads)  # type: ignore[attr-defined]
+        shared = threads > 1 and workers + threads > cores
+        self.model.set_threads(threads, shared)  # type: ignore[attr-defined]
         self.workers, self.balanced = workers, (workers, threads)
         if self.batch_for_threads is not None:
             self.batch_size = self.batch_for_threads(threads)

@@ -27,10 +27,12 @@ from .decode import Decoded
 from .embed import l2_normalize
 from .engine import Chunk, Engine, LocalEngine
 from .errors import InvalidArgumentError
-from .images import DEFAULT_MAX_PIXELS, FoundFile, find_images
+from .images import DEFAULT_MAX_PIXELS
 from .progress import ExtractProgress
 from .runtime import make_forward
-from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter, row_id, vectors_of
+from .sources import FoundFile, find_images
+from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, row_id, vectors_of
+from .store_writer import StoreWriter
 from .threads import default_workers, plan_threads, usable_cores
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the

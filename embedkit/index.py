@@ -1,10 +1,8 @@
-"""A FAISS index over store vectors: the key choice, build / add / remove / search, save / load.
+"""A FAISS index over store vectors: build / add / remove / search, save / load.
 
-The index type is a FAISS factory string chosen by ``choose_index_key`` (pure, tested): exact
-search while it is cheap, HNSW while the graph fits the memory budget, inverted files beyond, and
-compressed codes (8-bit scalar or product quantisation) with exact re-ranking when even the raw
-vectors do not fit. The reasoning follows faiss's guidelines (wiki "Guidelines to choose an index",
-``contrib/factory_tools.py``) and autofaiss's ``get_optimal_index_keys_v2``.
+The index type is a FAISS factory string chosen by ``index_choice.choose_index_key`` (pure,
+tested); compressed keys (SQ8, PQ) re-rank their candidates exactly with the raw vectors. Build
+tunes the search parameters to a recall target measured against exact search (``recall.py``).
 
 Results are always store ids: vectors go in with ``add_with_ids``, so row order never matters.
 Inverted files keep ids in their lists natively; every other type is wrapped in an
@@ -22,131 +20,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import faiss
 import numpy as np
 
 from .errors import IndexStateError, InvalidArgumentError
-
-Metric = Literal["cosine", "l2"]
-METRICS: tuple[str, ...] = get_args(Metric)
-
-DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes; a fixed default keeps the chosen key reproducible
-RECALL_TARGET = 0.95  # recall@10 against exact search that an index must reach
-# Tuning runs on a 500-query sample of stored vectors; unseen (perturbed) queries come out a
-# little lower (0.947 at 100k when tuned to exactly 0.95), so tune with a margin.
-TUNE_TARGET = 0.97
-RECALL_K = 10
-
-# Exact search is cheap while one query costs at most ~50k x 512 multiply-adds (~5 ms on one
-# core with BLAS, less in batches); below that an approximate index only adds build time.
-FLAT_MAX_WORK = 50_000 * 512
-# HNSW build costs ~efConstruction distance evaluations per vector per level and it cannot
-# remove vectors (we tombstone and rebuild); past ~500k vectors the build takes minutes on a
-# laptop while an inverted file has enough points to train 4*sqrt(n) centroids and reaches the
-# same recall at a similar speed.
-HNSW_MAX_N = 500_000
-HNSW_M = 32  # graph degree: faiss's usual default; level 0 keeps 2*M links per vector
-# An inverted file needs ~39 training points per centroid (faiss warns below that).
-MIN_POINTS_PER_CENTROID = 39
-# Bytes per vector on top of the codes: an IndexIDMap2 keeps an id array (8) and a reverse hash
-# map (~40 per std::unordered_map node); an inverted file stores the id in its list (8).
-ID_OVERHEAD = 48
-IVF_ID_BYTES = 8
-
-
-def _pow2_round(x: float) -> int:
-    return int(2 ** round(math.log2(max(x, 1.0))))
-
-
-def _nlist_for(n: int) -> int:
-    """Centroids for an inverted file: ~4*sqrt(n) (faiss guideline: 4..16*sqrt(n)), a power of
-    two, at most n/39 so that k-means has enough points, capped at 65536 (the 10M-vector row of
-    the guideline)."""
-    nlist = _pow2_round(4 * math.sqrt(n))
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
-        nlist //= 2
-    return min(nlist, 65_536)
-
-
-def ivf_prefix(n: int) -> tuple[str, int]:
-    """The inverted-file part of a factory key for ``n`` vectors and its list count, e.g.
-    ``("IVF4096", 4096)`` or ``("IVF65536_HNSW32", 65536)``; shared with ``ondisk.ondisk_key``."""
-    nlist = _nlist_for(n)
-    # Past 16k centroids the exhaustive coarse quantizer dominates the search time; faiss
-    # recommends an HNSW quantizer there (IVF65536_HNSW32 for 1M-10M vectors).
-    quantizer = "_HNSW32" if nlist >= 16_384 else ""
-    return f"IVF{nlist}{quantizer}", nlist
-
-
-def estimate_memory(key: str, n: int, dim: int) -> int:
-    """Approximate resident bytes of an index built from ``key`` holding ``n`` vectors."""
-    ids = ID_OVERHEAD
-    centroids = 0
-    if "IVF" in key:
-        nlist = int(key.split("IVF")[1].split(",")[0].split("_")[0])
-        centroids = nlist * dim * 4
-        ids = IVF_ID_BYTES
-    if key == "Flat":
-        per = 4 * dim
-    elif key.startswith("HNSW"):
-        m = int(key[4:].split(",")[0] or HNSW_M)
-        per = 4 * dim + 2 * m * 4 + m * 4 // max(m - 1, 1) + 16  # level 0 + upper levels + offsets
-    elif key.endswith(",Flat"):
-        per = 4 * dim
-    elif key.endswith("SQ8"):
-        per = dim
-    elif "PQ" in key:
-        per = int(key.rsplit("PQ", 1)[1].split("x")[0])
-        centroids += 256 * dim * 4  # the PQ codebooks
-    else:
-        raise InvalidArgumentError(f"cannot estimate the memory of index key {key!r}")
-    return n * (per + ids) + centroids
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
-
-
-def choose_index_key(n: int, dim: int, max_memory_bytes: int, metric: str = "cosine") -> str:
-    """The FAISS factory string for ``n`` vectors of ``dim`` floats within a memory budget.
-
-    The metric does not change the choice: cosine is inner product on unit vectors, whose
-    ranking equals L2's, so every key below suits both.
-
-    Raises:
-        InvalidArgumentError: a bad argument, or nothing fits in ``max_memory_bytes``.
-    """
-    _check_metric(metric)
-    if n < 0 or dim <= 0 or max_memory_bytes <= 0:
-        raise InvalidArgumentError("n must be >= 0, dim and max_memory_bytes > 0")
-
-    def fits(key: str) -> bool:
-        return estimate_memory(key, n, dim) <= max_memory_bytes
-
-    if n * dim <= FLAT_MAX_WORK and fits("Flat"):
-        return "Flat"
-    if n <= HNSW_MAX_N and fits(f"HNSW{HNSW_M}"):
-        return f"HNSW{HNSW_M}"
-    ivf, nlist = ivf_prefix(n)
-    # Too few points to train an inverted file: exhaustive search over raw or compressed codes.
-    candidates = [f"{ivf},Flat", f"{ivf},SQ8"] if nlist >= 16 else ["Flat", "SQ8"]
-    # Product quantisation, the most bytes per vector that fit; PQ{m}x8 needs 256*39 training
-    # points. No OPQ rotation: training one costs ~50 PQ trainings (minutes on 2 cores at 20k
-    # vectors), and re-ranking the candidates with the stored vectors recovers the precision.
-    if n >= 256 * MIN_POINTS_PER_CENTROID:
-        pre = f"{ivf}," if nlist >= 16 else ""
-        candidates += [f"{pre}PQ{m}" for m in (64, 32, 16, 8, 4) if m <= dim and dim % m == 0]
-    for key in candidates:
-        if fits(key):
-            return key
-    smallest = candidates[-1]
-    raise InvalidArgumentError(
-        f"no index for {n} vectors of dim {dim} fits in {max_memory_bytes} bytes; the smallest "
-        f"({smallest}) needs about {estimate_memory(smallest, n, dim)}; raise --max-memory"
-    )
+from .index_choice import DEFAULT_MAX_MEMORY, Metric, check_metric, choose_index_key
+from .recall import RECALL_K, TUNE_TARGET, exact_topk, recall_with_ties, without_own
 
 
 def _is_compressed(key: str) -> bool:
@@ -249,7 +130,7 @@ class Index:
             max_memory: memory budget in bytes for the automatic key.
             seed: seed of the recall samples.
         """
-        _check_metric(metric)
+        check_metric(metric)
         x = _as_vectors(vectors)
         id_arr = _as_ids(ids, len(x))
         n, dim = x.shape
@@ -302,14 +183,14 @@ class Index:
             eval_rows = tune_rows
         ladder = self._ladder()
         if len(ladder) > 1:
-            truth = _exact_topk(vectors, ids, vectors[tune_rows], RECALL_K + 1, self.metric)
+            truth = exact_topk(vectors, ids, vectors[tune_rows], RECALL_K + 1, self.metric)
             for params in ladder:
                 self.params = params
                 if self._recall(vectors, ids, tune_rows, truth) >= TUNE_TARGET:
                     break
         else:
             self.params = ladder[0]
-        truth = _exact_topk(vectors, ids, vectors[eval_rows], RECALL_K + 1, self.metric)
+        truth = exact_topk(vectors, ids, vectors[eval_rows], RECALL_K + 1, self.metric)
         recall = self._recall(vectors, ids, eval_rows, truth)
         self.info.update(
             params=self.params, recall_at_10=round(recall, 4), recall_sample=len(eval_rows)
@@ -338,12 +219,12 @@ class Index:
     ) -> float:
         _, found = self._search_prepared(vectors[rows], RECALL_K + 1)
         if truth.shape[1] < 2:  # a one-vector index: only itself to find
-            return _recall_at_k(found[:, :1], truth, vectors, ids, vectors[rows], self.metric)
+            return recall_with_ties(found[:, :1], truth, vectors, ids, vectors[rows], self.metric)
         own = ids[rows]
         k = min(RECALL_K, truth.shape[1] - 1)
-        return _recall_at_k(
-            _without_own(found, own, k),
-            _without_own(truth, own, k),
+        return recall_with_ties(
+            without_own(found, own, k),
+            without_own(truth, own, k),
             vectors,
             ids,
             vectors[rows],
@@ -644,51 +525,6 @@ def _with_ids(inner: faiss.Index) -> faiss.Index:
     if faiss.try_extract_index_ivf(inner) is not None:
         return inner
     return faiss.IndexIDMap2(inner)
-
-
-def _exact_topk(
-    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str
-) -> np.ndarray:
-    fmetric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    _, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=fmetric)
-    return ids[rows]
-
-
-def _without_own(result: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` ids per row other than the row's own query id."""
-    out = np.full((len(result), k), -1, dtype=np.int64)
-    for i, (row, me) in enumerate(zip(result, own, strict=True)):
-        others = row[row != me][:k] if len(row) > 1 else row[:k]
-        out[i, : len(others)] = others
-    return out
-
-
-def _recall_at_k(
-    found: np.ndarray,
-    truth: np.ndarray,
-    vectors: np.ndarray,
-    ids: np.ndarray,
-    queries: np.ndarray,
-    metric: str,
-) -> float:
-    """Share of the true top-k found, counting ties: a found id whose exact score equals the
-    k-th true score is as good as the true one (duplicates in the data make ties)."""
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def exact_scores(id_block: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(sorted_ids, id_block), 0, len(ids) - 1)
-        ok = sorted_ids[pos] == id_block
-        v = vectors[order[pos]]
-        if metric == "cosine":
-            s = np.einsum("qd,qkd->qk", queries, v)
-            return np.where(ok, s, -np.inf)
-        s = ((v - queries[:, None, :]) ** 2).sum(-1)
-        return np.where(ok, -s, -np.inf)  # higher is better in both branches
-
-    kth = exact_scores(truth)[:, -1:]
-    good = exact_scores(found) >= kth - 1e-5
-    return float(good.sum() / truth.size)
 
 
 def _file_digest(path: Path) -> dict[str, Any]:

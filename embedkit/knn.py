@@ -21,7 +21,9 @@ import numpy as np
 
 from .defaults import KNN_K, KNN_TEMPERATURE
 from .errors import InvalidArgumentError, ProbeError
-from .probe import Evaluation, MissingLabels, Probe, labelled_features, split_rows
+from .labels import MissingLabels, labelled_features, split_rows
+from .metrics import Evaluation
+from .probe import Probe
 
 if TYPE_CHECKING:
     from .store import Store

@@ -38,15 +38,8 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ondisk import merge_ondisk
 
 from .errors import IndexStateError, InvalidArgumentError
-from .index import (
-    METRICS,
-    RECALL_K,
-    RECALL_TARGET,
-    Metric,
-    choose_index_key,
-    estimate_memory,
-    ivf_prefix,
-)
+from .index_choice import METRICS, Metric, choose_index_key, estimate_memory, ivf_prefix
+from .recall import RECALL_K, RECALL_TARGET, without_own
 from .store import STATUS_OK, fingerprint_of, read_manifest
 
 FORMAT = "embedkit-ondisk-index"
@@ -63,7 +56,7 @@ Backend = Literal["ram", "ondisk"]
 
 
 def ondisk_key(n: int, dim: int) -> str:
-    """IVF-PQ factory key: ``index.py``'s IVF prefix for ``n``, 4 dims per PQ byte (<= 64 bytes).
+    """IVF-PQ factory key: ``index_choice.ivf_prefix(n)``, 4 dims per PQ byte (<= 64 bytes).
 
     4 dims per sub-quantizer, not 8: on 1M x 64-d clustered vectors with ~2,400 points per
     cluster (the 10M benchmark's density), PQ8 put only 75% of the true top 10 among 32 x 10
@@ -407,7 +400,7 @@ class OnDiskIndex:
             queries = np.asarray(self._vectors[rows])
             own = np.asarray(self._ids[rows])
         k = RECALL_K if own is None else min(RECALL_K + 1, self.n)
-        truth = _without_own(self.exact(queries, k), own)
+        truth = without_own(self.exact(queries, k), own, RECALL_K)
         nlist = int(self.info["nlist"])
         # Per nprobe, a shallow then a deep re-rank: more lists cannot help when the true
         # neighbours are in the probed lists but ranked past k * k_factor by their PQ codes
@@ -425,7 +418,7 @@ class OnDiskIndex:
         recall = 0.0
         for params in ladder:
             self.params = params
-            found = _without_own(self.search(queries, k)[1], own)
+            found = without_own(self.search(queries, k)[1], own, RECALL_K)
             recall = recall_at_k(found, truth)
             if recall >= RECALL_TARGET:
                 break
@@ -461,17 +454,6 @@ class OnDiskIndex:
                 k = min(k * 4, self.n)
             out.append((s[within], i[within]))
         return out
-
-
-def _without_own(found: np.ndarray, own: np.ndarray | None) -> np.ndarray:
-    """Each row's ids but the row's own (the first ``RECALL_K`` others); as is when no own."""
-    if own is None:
-        return found
-    out = np.full((len(found), RECALL_K), -1, np.int64)
-    for i, (row, me) in enumerate(zip(found, own, strict=True)):
-        others = row[row != me][:RECALL_K]
-        out[i, : len(others)] = others
-    return out
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -61,8 +61,13 @@ class Runner(Protocol):
         """uint8 (N, H, W, 3) -> float32 (N, dim)."""
         ...
 
-    def set_threads(self, threads: int) -> None:
-        """Run later batches with ``threads`` intra-op threads."""
+    # True when the runtime's thread team can share cores with busy decode workers without
+    # collapsing (threads sleep instead of spin-waiting at their barriers).
+    can_share_cores: bool
+
+    def set_threads(self, threads: int, share_cores: bool = False) -> None:
+        """Run later batches with ``threads`` intra-op threads; ``share_cores``: some of those
+        cores also run decode workers (only asked of runners with ``can_share_cores``)."""
         ...
 
     def metadata(self) -> dict[str, Any]:
@@ -83,7 +88,12 @@ class TorchRunner:
     def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
         return self.backbone.forward(batch_uint8)
 
-    def set_threads(self, threads: int) -> None:
+    # OpenMP teams spin at barriers: two threads beside a busy process were 5-40x slower.
+    can_share_cores = False
+
+    def set_threads(self, threads: int, share_cores: bool = False) -> None:
+        if share_cores:
+            raise InvalidArgumentError("torch threads cannot share cores with decode workers")
         self.threads = threads
         torch.set_num_threads(threads)
 
@@ -108,6 +118,7 @@ class OnnxRunner:
 
         self.backbone, self.path, self.threads, self.opset = backbone, path, threads, opset
         self.dim, self.preprocess = backbone.dim, backbone.preprocess
+        self.shares_cores = False
         self.session = self._session(threads)
         self.ort_version = ort.__version__
         self.probe_max_abs_diff: float | None = None
@@ -124,15 +135,22 @@ class OnnxRunner:
         (y,) = self.session.run([_OUTPUT], {_INPUT: x})
         return np.asarray(y, dtype=np.float32)
 
-    def set_threads(self, threads: int) -> None:
-        # ORT fixes its thread pool when the session is made; a new session costs ~0.1-0.5 s.
-        if threads != self.threads:
-            self.session, self.threads = self._session(threads), threads
+    # With spinning off, ORT's pool threads sleep while they wait for each other, so a decode
+    # worker on one of their cores costs its own CPU time, not a stalled team.
+    can_share_cores = True
 
-    def _session(self, threads: int) -> Any:
+    def set_threads(self, threads: int, share_cores: bool = False) -> None:
+        # ORT fixes its thread pool when the session is made; a new session costs ~0.1-0.5 s.
+        if (threads, share_cores) != (self.threads, self.shares_cores):
+            self.session = self._session(threads, share_cores)
+            self.threads, self.shares_cores = threads, share_cores
+
+    def _session(self, threads: int, share_cores: bool = False) -> Any:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if share_cores:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1  # a CNN is one chain of ops; parallelism is inside them
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

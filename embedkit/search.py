@@ -27,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import IndexStateError, InvalidArgumentError, StoreError
-from .index import DEFAULT_MAX_MEMORY, METRICS, Index, Metric, choose_index_key
+from .index import Index
+from .index_choice import DEFAULT_MAX_MEMORY, METRICS, Metric, choose_index_key
 from .ondisk import INFO as ONDISK_INFO
 from .ondisk import OnDiskIndex, choose_backend, count_live
 from .store import Store, fingerprint_of, open_store, read_manifest

@@ -122,25 +122,29 @@ def plan_threads(workers: int, threads: int | None = None, cores: int | None = N
     return ThreadPlan(n, workers, max(1, n - workers), "policy")
 
 
-def balanced_split(cores: int, decode_s: float, model_s: float) -> tuple[int, int]:
+def balanced_split(
+    cores: int, decode_s: float, model_s: float, *, teams_may_share: bool = False
+) -> tuple[int, int]:
     """``(decode workers, model threads)`` that should embed the most images per second.
 
     Args:
         cores: usable cores.
         decode_s: seconds one decode worker spends per image (read, hash, decode, resize).
         model_s: core-seconds the model spends per image (forward time x threads / batch).
+        teams_may_share: the runtime's thread team sleeps instead of spin-waiting (ONNX
+            Runtime with spinning off), so it may share cores with decode workers.
 
     The predicted rate of a split is ``min(w / decode_s, t / model_s, cores / (decode_s +
-    model_s))``: decoders, model, and the CPU as a whole. Splits never give the model more
-    threads than the cores the workers leave (``w + t <= cores``), with one exception: a
-    *single* model thread beside up to ``cores`` workers, for decode-bound runs. One thread
-    has no OpenMP/ORT team to spin-wait (the 5-40x collapse of multi-thread teams sharing a
-    core), and it is busy only ``model_s / (decode_s + model_s)`` of the time, so the busy
-    threads still fit the cores. Within 2% of the best rate, the split with fewer processes
-    and threads wins (predictions are rough; idle threads are not free).
+    model_s))``: decoders, model, and the CPU as a whole. A multi-thread team never shares a
+    core with a worker unless ``teams_may_share`` (``w + t <= cores``): spinning teams beside
+    a busy process collapse 5-40x. A *single* model thread may run beside up to ``cores``
+    workers, for decode-bound runs: it has no team to spin-wait, and it is busy only
+    ``model_s / (decode_s + model_s)`` of the time. Within 2% of the best rate, the split with
+    fewer processes and threads wins (predictions are rough; idle threads are not free).
 
-    Measured on 2 cores, 12 MP JPEGs: efficientnet_lite0 42 img/s with (1, 1), 50 with
-    (2, 1); mobilenetv2_100 44 vs 59 (`benchmarks/RESULTS.md`).
+    Measured on 2 cores, 12 MP JPEGs (`benchmarks/RESULTS.md`): efficientnet_lite0 42 img/s
+    with (1, 1), 50 with (2, 1); mobilenetv2_100 44 vs 60; resnet50 (model-bound) 12.6 with
+    (1, 1), 16.9 with ONNX Runtime's 2 threads beside the worker.
     """
     if cores < 1 or decode_s <= 0 or model_s <= 0:
         raise InvalidArgumentError("balanced_split needs cores >= 1 and positive timings")
@@ -148,7 +152,7 @@ def balanced_split(cores: int, decode_s: float, model_s: float) -> tuple[int, in
     scored = []
     for t in range(1, cores + 1):
         for w in range(1, cores + 1):
-            if w + t > cores and t > 1:
+            if w + t > cores and t > 1 and not teams_may_share:
                 continue
             rate = min(w / decode_s, t / model_s, cpu_rate)
             scored.append((rate, w, t))

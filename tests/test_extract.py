@@ -22,7 +22,8 @@ import embedkit.decode
 from embedkit.embed import embed
 from embedkit.errors import InvalidArgumentError, StoreLockedError, StoreMismatchError
 from embedkit.extract import extract
-from embedkit.store import StoreWriter, open_store
+from embedkit.store import open_store
+from embedkit.store_writer import StoreWriter
 
 
 def _extract(src, store, **kw):
@@ -306,7 +307,9 @@ def test_default_split_is_chosen_from_measured_times(photo_dir, tmp_path):
     s = _extract(photo_dir, tmp_path / "a", workers=None, batch_size=2)
     assert s.embedded == 7 and s.split == "measured"
     assert s.workers >= 1 and s.threads >= 1
-    assert s.workers + s.threads <= os.cpu_count() or s.threads == 1
+    if s.threads > 1 and s.workers + s.threads > os.cpu_count():
+        # Only a team that sleeps while waiting (ONNX Runtime, spinning off) shares cores.
+        assert open_store(tmp_path / "a").metadata["runtime"] == "onnx"
     fixed = _extract(photo_dir, tmp_path / "b", workers=1, batch_size=2)
     assert (fixed.workers, fixed.split) == (1, "policy")
     a, b = open_store(tmp_path / "a"), open_store(tmp_path / "b")

@@ -1,4 +1,4 @@
-"""Tests for embedkit.images: finding files and decoding hostile images safely."""
+"""Tests for embedkit.images and embedkit.sources: finding files, decoding hostile images."""
 
 from __future__ import annotations
 
@@ -15,20 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from embedkit import images
+from embedkit import images, sources
 from embedkit.errors import InvalidArgumentError
 from embedkit.images import (
     ALPHA_BACKGROUND,
     DEFAULT_MAX_PIXELS,
     FAILURE_REASONS,
     IMAGE_SUFFIXES,
-    FoundFile,
     ImageDecodeError,
-    ScanFailure,
-    find_images,
     open_rgb,
     rgb_from_pil,
 )
+from embedkit.sources import FoundFile, ScanFailure, find_images
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ sits beside the checkout, locally and in CI's fresh clone.
@@ -434,7 +432,7 @@ def test_unreadable_dir_recorded(tree: Path, monkeypatch: pytest.MonkeyPatch) ->
             raise PermissionError(13, "Permission denied", blocked)
         return real_scandir(path)
 
-    monkeypatch.setattr(images.os, "scandir", scandir)
+    monkeypatch.setattr(sources.os, "scandir", scandir)
     found, failures = find_images([tree])
     assert [f.path for f in found] == ["a-c.gif", "a/z.PNG", "b.jpg"]
     assert [(f.path, f.reason) for f in failures] == [("a/b", "unreadable_dir")]

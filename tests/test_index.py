@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from embedkit.errors import IndexStateError, InvalidArgumentError
-from embedkit.index import (
-    FLAT_MAX_WORK,
-    HNSW_MAX_N,
-    Index,
-    choose_index_key,
-    estimate_memory,
-)
+from embedkit.index import Index
+from embedkit.index_choice import FLAT_MAX_WORK, HNSW_MAX_N, choose_index_key, estimate_memory
 
 GiB = 2**30
 

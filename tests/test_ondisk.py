@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from embedkit.errors import IndexStateError, InvalidArgumentError
-from embedkit.index import choose_index_key
+from embedkit.index_choice import choose_index_key
 from embedkit.ondisk import OnDiskIndex, choose_backend, ondisk_key, recall_at_k
-from embedkit.store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, StoreWriter
+from embedkit.store import STATUS_DELETED, STATUS_FAILED, STATUS_OK
+from embedkit.store_writer import StoreWriter
 
 DIM = 32
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import TINY, make_photo
 
 from embedkit.errors import ProbeError
-from embedkit.probe import HISTORY_COLUMNS, Probe, labelled_features, split_rows, train_probe
+from embedkit.labels import labelled_features, split_rows
+from embedkit.probe import HISTORY_COLUMNS, Probe, train_probe
 
 FP = {
     "model": "m",

@@ -79,6 +79,14 @@ def test_set_threads_changes_threads_not_vectors(tiny, tmp_path, name):
     if name == "torch":
         assert torch.get_num_threads() == 2
     _assert_close(r.forward(batch), before)
+    if name == "onnx":  # a team that sleeps while waiting, to share cores with decoders
+        r.set_threads(2, share_cores=True)
+        assert r.shares_cores and r.can_share_cores
+        _assert_close(r.forward(batch), before)
+    else:
+        assert not r.can_share_cores
+        with pytest.raises(InvalidArgumentError):
+            r.set_threads(2, share_cores=True)
 
 
 def test_forward_checks_its_input(tiny, tmp_path):

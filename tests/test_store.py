@@ -15,12 +15,12 @@ import pytest
 from embedkit.errors import StoreError, StoreLockedError, StoreMismatchError
 from embedkit.store import (
     MANIFEST,
-    StoreWriter,
     export_store,
     open_store,
     row_id,
     store_schema,
 )
+from embedkit.store_writer import StoreWriter
 
 DIM = 8
 
@@ -119,9 +119,9 @@ def test_uncommitted_rows_invisible_and_orphans_removed(tmp_path):
 
 
 def test_compaction_keeps_live_view(tmp_path, monkeypatch):
-    import embedkit.store as store_mod
+    import embedkit.store_writer as writer_mod
 
-    monkeypatch.setattr(store_mod, "MAX_PARTS", 3)
+    monkeypatch.setattr(writer_mod, "MAX_PARTS", 3)
     with StoreWriter(tmp_path / "s", _meta()) as w:
         for i in range(6):
             _add_ok(w, [f"{i}.jpg", "same.jpg"], np.full((2, DIM), i, np.float32))
@@ -160,7 +160,7 @@ def test_second_writer_refused_even_across_processes(tmp_path):
         with pytest.raises(StoreLockedError, match="being written"):
             StoreWriter(tmp_path / "s", _meta()).open()
         code = textwrap.dedent(f"""
-            from embedkit.store import StoreWriter
+            from embedkit.store_writer import StoreWriter
             from embedkit.errors import StoreLockedError
             try:
                 StoreWriter({str(tmp_path / "s")!r}, {_meta()!r}).open()

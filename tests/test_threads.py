@@ -125,3 +125,10 @@ def test_balanced_split_never_shares_a_core_with_a_thread_team(cores, decode_s, 
 def test_balanced_split_refuses_nonsense():
     with pytest.raises(InvalidArgumentError):
         threads.balanced_split(2, 0.0, 0.01)
+
+
+def test_balanced_split_lets_a_sleeping_team_share_cores_when_the_model_is_the_bottleneck():
+    # resnet50 under ONNX Runtime with spinning off: 2 threads beside the one worker.
+    assert threads.balanced_split(2, 0.020, 0.075, teams_may_share=True) == (1, 2)
+    # Decode-bound runs still give the decoders the cores.
+    assert threads.balanced_split(2, 0.0205, 0.012, teams_may_share=True) == (2, 1)
