@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the store and index")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument(
+        "--section", default="scale", help="RESULTS.md section to write (one per key compared)"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -183,8 +186,8 @@ def main() -> None:
         from _results import write_section
 
         write_section(
-            "scale",
-            "Search past RAM: on-disk IVF-PQ (`benchmarks/scale.py`)",
+            args.section,
+            f"Search past RAM: on-disk {r['key']} (`benchmarks/scale.py`)",
             report(r, args.quick),
         )
 

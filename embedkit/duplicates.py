@@ -56,6 +56,19 @@ class DuplicateGroup:
         return {"members": [m.__dict__ for m in self.members]}
 
 
+class _RowView:
+    """Some rows of a (memory-mapped) array, read block by block, never all at once."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: Any) -> np.ndarray:
+        return np.asarray(self.array[self.rows[item]], dtype=np.float32)
+
+
 class _UnionFind:
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))  # a list: element access is ~10x faster than numpy's
@@ -102,7 +115,7 @@ def group_duplicates(
         raise InvalidArgumentError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     if k < 1:
         raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x = vectors if isinstance(vectors, _RowView) else np.ascontiguousarray(vectors, np.float32)
     id_arr = np.asarray(ids, dtype=np.int64)
     n = len(x)
     if n == 0:
@@ -123,7 +136,7 @@ def group_duplicates(
 
     for start in range(0, n, BATCH):
         stop = min(start + BATCH, n)
-        scores, nbrs = index.search(x[start:stop], min(k + 1, n))
+        scores, nbrs = index.search(np.ascontiguousarray(x[start:stop]), min(k + 1, n))
         keep = (scores >= threshold) & (nbrs >= 0)
         q_rows, cols = np.nonzero(keep)
         nbr_ids = nbrs[q_rows, cols]
@@ -140,7 +153,8 @@ def group_duplicates(
     _, starts = np.unique(roots[grouped], return_index=True)
     groups = []
     for rows in np.split(grouped, starts[1:]) if len(grouped) else []:
-        unit = x[rows] / np.maximum(np.linalg.norm(x[rows], axis=1, keepdims=True), 1e-12)
+        v = np.asarray(x[rows], dtype=np.float32)
+        unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         groups.append(_group(rows, unit, id_arr, hashes, paths))
     groups.sort(key=lambda g: (-len(g.members), -g.members[-1].score))
     return groups
@@ -197,15 +211,16 @@ def find_duplicates(
             raise InvalidArgumentError(
                 "duplicates need a cosine index; rebuild with `embedkit index --metric cosine`"
             )
-        rows = st.rows_of_ids(index.ids)
+        alive = index.alive_rows()  # rows tombstoned by updates take no part
+        ids = np.asarray(index.ids[alive])
+        rows = st.rows_of_ids(ids)
         if (rows < 0).any():  # cannot happen: open_index brought the index to the store
             raise IndexStateError("the on-disk index has ids the store does not; rebuild it")
         aligned = bool(np.array_equal(rows, np.arange(len(rows))))
         hashes = st.hashes if aligned else [st.hashes[r] for r in rows.tolist()]
         paths = st.abspaths if aligned else [st.abspath(r) for r in rows.tolist()]
-        return group_duplicates(
-            index.vectors, index.ids, hashes, threshold, k=k, index=index, paths=paths
-        )
+        view = _RowView(index.vectors, alive)
+        return group_duplicates(view, ids, hashes, threshold, k=k, index=index, paths=paths)
     if index.metric != "cosine":
         index = Index.build(st.vectors, st.ids, metric="cosine")  # an l2 index: a cosine one here
     return group_duplicates(

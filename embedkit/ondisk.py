@@ -18,6 +18,13 @@ re-ranks them exactly with their raw vectors, read from the memory-mapped ``vect
 store ids (``ids.i64``). The raw copy is a derived artifact: Parquet cannot read one row without
 decoding its whole row group (8192 rows), so re-ranking straight from the parts would decode
 ~2 MB per candidate.
+
+Updates (``update``): when the store gains parts, their live vectors are appended to
+``vectors.f32`` / ``ids.i64`` and added to a small in-RAM *delta* IVF-PQ that shares the main
+index's trained quantizer and codebooks (``trained.faiss``); rows whose id was deleted or
+re-embedded are tombstoned (``dead-*.i64``) and never returned. Search merges both candidate
+lists before re-ranking. When the delta or the tombstones pass ``MAX_CHURN`` of the index, or
+the store was compacted, ``update`` declines and the caller rebuilds.
 """
 
 from __future__ import annotations
@@ -43,7 +50,10 @@ from .recall import RECALL_K, RECALL_TARGET, without_own
 from .store import STATUS_OK, fingerprint_of, read_manifest
 
 FORMAT = "embedkit-ondisk-index"
-INFO, INDEX, LISTS = "ondisk.json", "index.faiss", "lists.ivfdata"
+INFO, INDEX, LISTS, TRAINED = "ondisk.json", "index.faiss", "lists.ivfdata", "trained.faiss"
+# Updates stop paying off when this share of the rows is in the delta or dead: the delta is
+# held in RAM and scanned beside the main lists, and dead rows waste candidate slots.
+MAX_CHURN = 0.2
 VECTORS, IDS = "vectors.f32", "ids.i64"
 # Vectors per shard: 1M x (code + 8-byte id) is ~24 MB of lists at PQ16, and adding 1M vectors
 # takes ~10 s per core, so a lost shard is cheap to redo.
@@ -178,6 +188,13 @@ class OnDiskIndex:
         self._index = faiss.read_index(str(directory / INDEX), flags)
         self._vectors = np.memmap(directory / VECTORS, np.float32, "r", shape=(self.n, self.dim))
         self._ids = np.memmap(directory / IDS, np.int64, "r", shape=(self.n,))
+        delta = info.get("delta")  # rows added by updates, in RAM
+        self._delta = faiss.read_index(str(directory / delta)) if delta else None
+        self._dead = (
+            np.fromfile(directory / info["dead"], dtype=np.int64)
+            if info.get("dead")
+            else np.zeros(0, np.int64)
+        )
 
     @classmethod
     def build(
@@ -237,7 +254,7 @@ class OnDiskIndex:
         t = time.perf_counter()
         index.train(np.ascontiguousarray(vectors[sample]))
         times["train_s"] = time.perf_counter() - t
-        trained = tmp / "trained.faiss"
+        trained = tmp / TRAINED  # kept: updates fill a delta index from it
         faiss.write_index(index, str(trained))
         t = time.perf_counter()
         shards = []
@@ -256,7 +273,7 @@ class OnDiskIndex:
         merge_ondisk(merged, [str(s) for s in shards], str(tmp / LISTS))
         faiss.write_index(merged, str(tmp / INDEX))
         del merged
-        for s in [*shards, trained]:
+        for s in shards:
             s.unlink()
         times["merge_s"] = time.perf_counter() - t
         info = {
@@ -265,6 +282,7 @@ class OnDiskIndex:
             "key": key,
             "metric": metric,
             "n": n,
+            "n_main": n,
             "dim": dim,
             "nlist": nlist,
             "train_size": int(size),
@@ -273,6 +291,7 @@ class OnDiskIndex:
             "source": {
                 "fingerprint": fingerprint_of(manifest["metadata"]),
                 "store_version": manifest.get("version"),
+                "parts": [part["file"] for part in manifest["parts"]],
             },
             "build": {k: round(v, 3) for k, v in times.items()},
             "params": {"nprobe": min(16, nlist), "k_factor": K_FACTOR},
@@ -300,12 +319,20 @@ class OnDiskIndex:
         return cls(d, info)
 
     def __len__(self) -> int:
-        return self.n
+        """Searchable vectors (rows of ``vectors`` minus tombstoned ones)."""
+        return self.n - len(self._dead)
+
+    def alive_rows(self) -> np.ndarray:
+        """Sorted rows of ``vectors`` that are not tombstoned."""
+        if not len(self._dead):
+            return np.arange(self.n, dtype=np.int64)
+        return np.setdiff1d(np.arange(self.n, dtype=np.int64), self._dead, assume_unique=True)
 
     @property
     def vectors(self) -> np.ndarray:
-        """The indexed vectors (memory-mapped, read-only; L2-normalised for cosine), in the
-        store's live order at build time, aligned with ``ids``."""
+        """The indexed vectors (memory-mapped, read-only; L2-normalised for cosine), aligned
+        with ``ids``: the store's live order at build time, then rows added by updates.
+        Tombstoned rows are still there: ``alive_rows`` says which count."""
         return self._vectors
 
     @property
@@ -339,19 +366,25 @@ class OnDiskIndex:
         p = nprobe or self.params["nprobe"]
         fetch = min(self.n, k * (k_factor or self.params["k_factor"]))
         ps = faiss.ParameterSpace()
-        ps.set_index_parameter(self._index, "nprobe", p)
-        if "_HNSW" in self.info["key"]:
-            ps.set_index_parameter(self._index, "quantizer_efSearch", max(p, MIN_QUANTIZER_EF))
-        _, rows = self._index.search(q, fetch)
-        return rows
+        found = []
+        for index in (self._index, self._delta):
+            if index is None:
+                continue
+            ps.set_index_parameter(index, "nprobe", p)
+            if "_HNSW" in self.info["key"]:
+                ps.set_index_parameter(index, "quantizer_efSearch", max(p, MIN_QUANTIZER_EF))
+            found.append(index.search(q, fetch)[1])
+        return np.concatenate(found, axis=1)
 
     def _rerank(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the candidate rows; keep the best k (score larger = better inside)."""
         valid = rows >= 0
+        if len(self._dead):
+            valid &= ~np.isin(rows, self._dead)
         uniq = np.unique(rows[valid])
         block = np.asarray(self._vectors[uniq])  # sorted rows: sequential-ish page reads
         cand = (
-            block[np.searchsorted(uniq, np.maximum(rows, 0))]
+            block[np.searchsorted(uniq, np.where(valid, rows, uniq[0]))]
             if len(uniq)
             else np.zeros((*rows.shape, self.dim), np.float32)
         )
@@ -378,12 +411,16 @@ class OnDiskIndex:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         fmetric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
 
+        alive = np.ones(self.n, bool)
+        alive[self._dead] = False
+        order = np.nonzero(alive)[0]  # the scan's row numbers count alive rows only
+
         def blocks():
             for s in range(0, self.n, block):
-                yield np.ascontiguousarray(self._vectors[s : s + block])
+                yield np.ascontiguousarray(self._vectors[s : s + block][alive[s : s + block]])
 
-        _, rows = knn_ground_truth(q, blocks(), min(k, self.n), metric_type=fmetric)
-        return np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        _, rows = knn_ground_truth(q, blocks(), min(k, len(order)), metric_type=fmetric)
+        return np.where(rows >= 0, self._ids[order[np.maximum(rows, 0)]], -1)
 
     def tune(self, *, queries: np.ndarray | None = None, seed: int = 0) -> float:
         """Pick the smallest nprobe (then a deeper re-rank) reaching recall@10 >= 0.95 on
@@ -396,10 +433,11 @@ class OnDiskIndex:
         own: np.ndarray | None = None
         if queries is None:
             rng = np.random.default_rng(seed)
-            rows = np.sort(rng.choice(self.n, min(200, self.n), replace=False))
+            alive = self.alive_rows()
+            rows = np.sort(rng.choice(alive, min(200, len(alive)), replace=False))
             queries = np.asarray(self._vectors[rows])
             own = np.asarray(self._ids[rows])
-        k = RECALL_K if own is None else min(RECALL_K + 1, self.n)
+        k = RECALL_K if own is None else min(RECALL_K + 1, len(self))
         truth = without_own(self.exact(queries, k), own, RECALL_K)
         nlist = int(self.info["nlist"])
         # Per nprobe, a shallow then a deep re-rank: more lists cannot help when the true
@@ -427,6 +465,83 @@ class OnDiskIndex:
         )
         self.save_info()
         return recall
+
+    def update(self, store: str | os.PathLike[str]) -> str | None:
+        """Bring the index to the store's current version without a rebuild.
+
+        New parts' live vectors are appended and added to the delta index; rows whose id is
+        no longer live in an indexed part are tombstoned. Returns None when updated, or why
+        an update cannot do it (the caller rebuilds): another model, a compacted store (its
+        indexed parts are gone), or more than ``MAX_CHURN`` of the rows added or dead.
+        """
+        path = Path(store)
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise InvalidArgumentError(f"{store} is not an embedkit store (no manifest.json)")
+        source = self.info.get("source") or {}
+        if source.get("fingerprint") != fingerprint_of(manifest["metadata"]):
+            return "the store's model changed"
+        parts = manifest["parts"]
+        indexed = set(source.get("parts") or ())
+        files = [part["file"] for part in parts]
+        if not indexed or not indexed <= set(files):
+            return "the store was compacted since the build"
+        masks = _live_ok_masks(path, parts)
+        live_old, new_parts = [], []
+        for part, mask in zip(parts, masks, strict=True):
+            if part["file"] in indexed:
+                t = pq.read_table(path / part["file"], columns=["id"])
+                live_old.append(t["id"].to_numpy()[mask])
+            elif mask.any():
+                new_parts.append((part, mask))
+        keep = np.concatenate(live_old) if live_old else np.zeros(0, np.int64)
+        ids = np.asarray(self._ids)
+        dead = np.union1d(self._dead, np.nonzero(~np.isin(ids, keep))[0]).astype(np.int64)
+        added = int(sum(int(m.sum()) for _, m in new_parts))
+        n_main = int(self.info.get("n_main", self.n))
+        if (self.n - n_main) + added + len(dead) > MAX_CHURN * max(n_main, 1):
+            return (
+                f"{added} new and {len(dead)} removed rows since the build exceed "
+                f"{MAX_CHURN:.0%} of the index"
+            )
+        version = int(manifest["version"])
+        d = self.directory
+        # Rows past info["n"] are left over from an interrupted update: drop them first.
+        for name, width in ((VECTORS, 4 * self.dim), (IDS, 8)):
+            os.truncate(d / name, self.n * width)
+        delta = self._delta if self._delta is not None else faiss.read_index(str(d / TRAINED))
+        row = self.n
+        with open(d / VECTORS, "ab") as fv, open(d / IDS, "ab") as fi:
+            for part, mask in new_parts:
+                t = pq.read_table(path / part["file"], columns=["id", "embedding"]).filter(mask)
+                x = t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                x = np.ascontiguousarray(x.reshape(-1, self.dim), dtype=np.float32)
+                if self.metric == "cosine":
+                    norms = np.linalg.norm(x, axis=1, keepdims=True)
+                    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+                fv.write(x.tobytes())
+                fi.write(t["id"].to_numpy().astype(np.int64).tobytes())
+                delta.add_with_ids(x, np.arange(row, row + len(x), dtype=np.int64))
+                row += len(x)
+            for f in (fv, fi):
+                f.flush()
+                os.fsync(f.fileno())
+        # New delta and tombstone files under new names, then the info that points to them:
+        # a crash before the info is written leaves the previous state intact.
+        old = [self.info.get("delta"), self.info.get("dead")]
+        delta_name, dead_name = f"delta-{version}.faiss", f"dead-{version}.i64"
+        faiss.write_index(delta, str(d / delta_name))
+        dead.tofile(d / dead_name)
+        self.info.update(n=row, delta=delta_name, dead=dead_name)
+        self.info["source"] = {**source, "store_version": version, "parts": files}
+        self.save_info()
+        for name in old:
+            if name and name not in (delta_name, dead_name):
+                (d / name).unlink(missing_ok=True)
+        self.n, self._delta, self._dead = row, delta, dead
+        self._vectors = np.memmap(d / VECTORS, np.float32, "r", shape=(self.n, self.dim))
+        self._ids = np.memmap(d / IDS, np.int64, "r", shape=(self.n,))
+        return None
 
     def save_info(self) -> None:
         """Write ``info`` (with the caller's additions, e.g. ``source``) to ``ondisk.json``."""

@@ -144,7 +144,7 @@ def open_index(
     log: Log | None = None,
 ) -> Index | OnDiskIndex:
     """The store's index, ready to search: built when missing, updated when the store moved on
-    (an on-disk index is rebuilt instead).
+    (rebuilt when an update cannot do it).
 
     Raises:
         IndexStateError: the index was built from another model, or is damaged.
@@ -180,8 +180,10 @@ def _open_ondisk(store: Store, log: Log) -> OnDiskIndex | Index:
         )
     if source.get("store_version") == store.version:
         return index
-    # No in-place update for the on-disk index: rebuild it under the budget it was built for
-    # (which may now pick the in-RAM index, e.g. after deletions).
+    if _update_ondisk(index, store.path, store.version, log) is None:
+        return index
+    # Too much changed for an update: rebuild under the budget it was built for (which may
+    # now pick the in-RAM index, e.g. after deletions).
     budget = int(index.info.get("max_memory", DEFAULT_MAX_MEMORY))
     return index_store(store, metric=index.metric, max_memory=budget, log=log).index
 
@@ -202,10 +204,24 @@ def _ondisk_reason(
     if int(index.info.get("max_memory", max_memory)) != max_memory:
         return "the memory budget changed"
     if source.get("store_version") != version:
-        return (
-            f"the store moved from version {source.get('store_version')} to {version}; "
-            "on-disk indexes are rebuilt, not updated"
-        )
+        return _STALE
+    return None
+
+
+_STALE = "stale"  # _ondisk_reason: only the store version moved on, an update may do
+
+
+def _update_ondisk(index: OnDiskIndex, path: Path, version: int, log: Log) -> str | None:
+    """Update ``index`` in place to the store's ``version``; None when done, else why not."""
+    old = (index.info.get("source") or {}).get("store_version")
+    start = time.perf_counter()
+    declined = index.update(path)
+    if declined is not None:
+        return f"the store moved from version {old} to {version} and {declined}"
+    log(
+        f"updated on-disk index from store version {old} to {version} "
+        f"({len(index)} vectors) in {time.perf_counter() - start:.1f}s"
+    )
     return None
 
 
@@ -229,6 +245,13 @@ def _index_ondisk(
             message = f"on-disk index is up to date with store version {version}"
             log(message)
             return IndexReport("up to date", message, dict(index.info), directory, index)
+        if why == _STALE:
+            index = OnDiskIndex.load(directory)
+            declined = _update_ondisk(index, path, version, log)
+            if declined is None:
+                message = f"on-disk index updated to store version {version}"
+                return IndexReport("updated", message, dict(index.info), directory, index)
+            why = declined
         reason = why
     elif rebuild:
         reason = "--rebuild was asked for"

@@ -237,3 +237,76 @@ def test_lazy_store_reads_single_vectors_from_their_parts(synthetic_store):
     np.testing.assert_array_equal(lazy.vectors_at(rows[:-1]), full.vectors[rows[:-1]])
     assert lazy.abspath(int(rows[0])) == full.abspaths[int(rows[0])]
     np.testing.assert_array_equal(lazy.vectors, full.vectors)  # all of them, on first access
+
+
+def test_update_appends_tombstones_and_stays_correct(tmp_path):
+    """A store that moved on is brought up to date in place: new rows searchable, deleted and
+    re-embedded rows' old vectors never returned, recall intact; too much churn rebuilds."""
+    from embedkit.duplicates import find_duplicates
+    from embedkit.search import ONDISK_DIR, index_store, search
+    from embedkit.store import open_store
+
+    rng = np.random.default_rng(11)
+    n = 10_000
+    x = clustered(rng, n)
+    ids = np.arange(n, dtype=np.int64) * 5 + 11
+    path = tmp_path / "store"
+    budget = 2**20  # 10k x 32-d = 1.3 MB of vectors: on disk
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, ids, x)
+    first = index_store(path, max_memory=budget)
+    assert first.action == "built" and isinstance(first.index, OnDiskIndex)
+    # A new part: 300 new rows (one a copy of row 0), id 7 deleted, id 8 re-embedded.
+    new_ids = np.arange(300, dtype=np.int64) * 5 + 10**7
+    new_x = clustered(rng, 300)
+    new_x[0] = x[0]
+    moved = clustered(rng, 1)[0]
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, new_ids, new_x)
+        w.add(ids=[int(ids[7])], roots=["/r"], paths=[f"{ids[7]}.jpg"], status=[STATUS_DELETED])
+        _write(w, ids[8:9], moved[None])
+    report = index_store(path, max_memory=budget)
+    assert report.action == "updated", report.message
+    index = report.index
+    assert len(index) == n - 1 + 300 and index.n == n + 300 + 1
+    st = open_store(path)
+    assert sorted(st.ids.tolist()) == sorted(index.ids[index.alive_rows()].tolist())
+    # New rows are found, the deleted id never, the re-embedded id by its new vector only.
+    hits = search(st, [new_x[5]], k=3)[0].hits
+    assert hits[0].id == new_ids[5] and hits[0].score > 0.999
+    found = search(st, [x[7], x[8]], k=20)
+    assert all(h.id != ids[7] for h in found[0].hits)
+    assert all(not (h.id == ids[8] and h.score > 0.999) for h in found[1].hits)
+    hits = search(st, [moved], k=1)[0].hits
+    assert hits[0].id == ids[8] and hits[0].score > 0.999
+    # Recall against exact search over the live rows.
+    live_x = np.concatenate([np.delete(x, [7, 8], axis=0), new_x, moved[None]])
+    live_ids = np.concatenate([np.delete(ids, [7, 8]), new_ids, ids[8:9]])
+    q = live_x[rng.choice(len(live_x), 100, replace=False)] + 0.35 * rng.normal(size=(100, DIM))
+    q = q.astype(np.float32)
+    got = np.array([[h.id for h in r.hits] for r in search(st, list(q), k=10)])
+    assert recall_at_k(got, live_ids[_exact(live_x, q, 10)]) >= 0.9
+    # Duplicates see the new copy of row 0 and no tombstoned row.
+    groups = [sorted(m.id for m in g.members) for g in find_duplicates(path, 0.999)]
+    assert sorted([int(ids[0]), int(new_ids[0])]) in groups
+    # An interrupted update (bytes appended past the recorded rows) is repaired by the next.
+    with open(path / ONDISK_DIR / "vectors.f32", "ab") as f:
+        f.write(b"\0" * 4 * DIM * 3)
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, new_ids[:1] + 1, new_x[1:2])
+    assert index_store(path, max_memory=budget).action == "updated"
+    hits = search(open_store(path), [new_x[1]], k=2)[0].hits
+    assert {h.id for h in hits} == {int(new_ids[1]), int(new_ids[0] + 1)}
+    # search() itself updates a stale on-disk index (no `embedkit index` in between).
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, new_ids[:1] + 2, new_x[2:3])
+    hits = search(open_store(path), [new_x[2]], k=1)[0].hits
+    assert hits[0].id == new_ids[0] + 2
+    assert index_store(path, max_memory=budget).action == "up to date"
+    # Churn past MAX_CHURN: rebuilt from scratch.
+    more = np.arange(3_000, dtype=np.int64) * 5 + 2 * 10**7
+    with StoreWriter(path, _metadata(DIM)) as w:
+        _write(w, more, clustered(rng, 3_000))
+    again = index_store(path, max_memory=budget)
+    assert again.action == "rebuilt" and "exceed" in again.message
+    assert again.index.info.get("delta") is None and len(again.index) == len(open_store(path))
