@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.live import Live
@@ -117,7 +117,9 @@ class _EpochTable:
     """A live table of the current weight decay's epochs (the last ``rows`` of them)."""
 
     def __init__(self, live: Live, rows: int = 15) -> None:
-        self.live, self.rows, self.wd, self.history = live, rows, None, []
+        self.live, self.rows = live, rows
+        self.wd: float | None = None
+        self.history: list[dict[str, float]] = []
 
     def __call__(self, wd: float, row: dict[str, float]) -> None:
         if wd != self.wd:
@@ -212,7 +214,7 @@ def train_cmd(
 
     Example: embedkit probe train --store photos.store --labels labels.csv --out cats.probe
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         missing=missing.value if missing else "error",
         max_epochs=max_epochs,
         val_fraction=val_fraction,

@@ -126,6 +126,7 @@ class LocalEngine:
         # the median decode is robust to a few huge or tiny files.
         may_share = bool(getattr(self.model, "can_share_cores", False))
         cores = self.balance_cores
+        assert cores is not None  # _balancing
         workers, threads = balanced_split(
             cores, float(np.median(self._decode_s)), min(self._model_s), teams_may_share=may_share
         )
@@ -137,7 +138,7 @@ class LocalEngine:
         pool.resize(workers, self._window())
 
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
-        pixels = torch.from_numpy(np.stack([r.pixels for r in results]))
+        pixels = torch.from_numpy(np.stack([r.pixels for r in results if r.pixels is not None]))
         t0 = time.perf_counter()
         vectors = self.model.forward(pixels)
         if self._balancing:

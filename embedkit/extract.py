@@ -342,8 +342,9 @@ def extract(
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
-        runner = (
-            LocalEngine(
+        runner: Engine
+        if local:
+            runner = LocalEngine(
                 forward,
                 bs,
                 nworkers,
@@ -355,9 +356,9 @@ def extract(
                     else partial(default_batch_size, backbone.device.type, forward.runtime)
                 ),
             )
-            if local
-            else engine
-        )
+        else:
+            assert engine is not None and not isinstance(engine, str)  # "ray" became RayEngine
+            runner = engine
         t_embed = time.perf_counter()
         try:
             with ExtractProgress(total=len(tasks), enabled=progress) as bar:

@@ -434,7 +434,8 @@ class Index:
         tmp = d / f".{extra_file.name}.tmp"
         with open(tmp, "wb") as f:
             tags = {f"tag_{name}": arr for name, arr in self.tags.items()}
-            np.savez(f, tombstones=self._tombstones, live=self._live, **tags)
+            arrays = {"tombstones": self._tombstones, "live": self._live, **tags}
+            np.savez(f, allow_pickle=False, **arrays)  # plain arrays; nothing to unpickle
         _fsync(tmp)
         os.replace(tmp, extra_file)
         info = dict(self.info)

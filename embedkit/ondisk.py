@@ -257,7 +257,7 @@ class OnDiskIndex:
         trained = tmp / TRAINED  # kept: updates fill a delta index from it
         faiss.write_index(index, str(trained))
         t = time.perf_counter()
-        shards = []
+        shards: list[Path] = []
         for start in range(0, n, shard_rows):
             stop = min(n, start + shard_rows)
             shard = faiss.read_index(str(trained))
@@ -528,16 +528,16 @@ class OnDiskIndex:
                 os.fsync(f.fileno())
         # New delta and tombstone files under new names, then the info that points to them:
         # a crash before the info is written leaves the previous state intact.
-        old = [self.info.get("delta"), self.info.get("dead")]
+        old: list[str | None] = [self.info.get("delta"), self.info.get("dead")]
         delta_name, dead_name = f"delta-{version}.faiss", f"dead-{version}.i64"
         faiss.write_index(delta, str(d / delta_name))
         dead.tofile(d / dead_name)
         self.info.update(n=row, delta=delta_name, dead=dead_name)
         self.info["source"] = {**source, "store_version": version, "parts": files}
         self.save_info()
-        for name in old:
-            if name and name not in (delta_name, dead_name):
-                (d / name).unlink(missing_ok=True)
+        for stale in old:
+            if stale and stale not in (delta_name, dead_name):
+                (d / stale).unlink(missing_ok=True)
         self.n, self._delta, self._dead = row, delta, dead
         self._vectors = np.memmap(d / VECTORS, np.float32, "r", shape=(self.n, self.dim))
         self._ids = np.memmap(d / IDS, np.int64, "r", shape=(self.n,))

@@ -166,7 +166,7 @@ def open_index(
     if _needs_vectors(index):
         index.attach_vectors(store.vectors, store.ids)
     if source.get("store_version") != store.version:
-        index = _refresh(index, store, log).index
+        return _refresh(index, store, log).index
     return index
 
 
