@@ -95,14 +95,16 @@ def naive_loop(backbone, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def end_to_end(paths: list[Path], model: str, batch_size: int, workdir: Path) -> float:
+def end_to_end(
+    paths: list[Path], model: str, batch_size: int | None, workdir: Path
+) -> tuple[float, str]:
     store = workdir / "bench.store"
     shutil.rmtree(store, ignore_errors=True)
     s = extract([str(paths[0].parent)], store, model=model, batch_size=batch_size)
     assert s.embedded == len(paths), s
     # Per-image throughput: from the first decode to the last commit. Model loading and the
     # one-time ONNX export/check are start-up costs, not throughput (wall_s has them).
-    return s.images_per_s, f"{s.workers}w/{s.threads}t"
+    return s.images_per_s, f"{s.workers}w/{s.threads}t/b{s.batch_size}"
 
 
 # --- CPU ceiling and runtimes ------------------------------------------------------------------
@@ -329,7 +331,12 @@ def main() -> None:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--large", type=int, default=96, help="number of 12-megapixel JPEGs")
     ap.add_argument("--small", type=int, default=192, help="number of 640x480 JPEGs")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="end-to-end batch (default: extract's own; model-only then uses 16)",
+    )
     ap.add_argument(
         "--cpu-models",
         default="resnet50,mobilenetv2_100,efficientnet_lite0",
@@ -371,7 +378,7 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
     splits = []
     for label, paths in sets.items():
         e2e, split = end_to_end(paths, args.model, args.batch_size, work)
-        mo = model_only(forward, max(64, len(paths)), args.batch_size)
+        mo = model_only(forward, max(64, len(paths)), args.batch_size or 16)
         naive = max(naive_loop(backbone, paths[: min(len(paths), 24)]) for _ in range(2))
         rows.append((label, len(paths), e2e, mo, naive))
         splits.append(f"{label}: {split}")
@@ -390,7 +397,9 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
     body = "\n".join(
         [
             f"Model `{args.model}`, extract's default runtime (`{forward.runtime}` here), "
-            f"batch {args.batch_size}, decode workers / model threads chosen by `extract` from "
+            f"end-to-end batch {args.batch_size or 'as extract chooses (8 per model thread)'}, "
+            f"model-only batch {args.batch_size or 16}, decode workers / model threads chosen "
+            "by `extract` from "
             f"the run's timings ({'; '.join(splits)}), torch {torch.__version__} on "
             f"{os.cpu_count()} CPU cores ({cpu}), no GPU. "
             "End-to-end = `embedkit.extract` into a fresh store (hash, decode with JPEG "

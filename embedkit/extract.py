@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .batching import default_batch_size, probe_cuda_batch_size
 from .decode import Decoded
 from .embed import l2_normalize
 from .engine import Chunk, Engine, LocalEngine
@@ -60,6 +61,7 @@ class ExtractSummary:
     workers: int | None = None
     threads: int | None = None
     split: str | None = None
+    batch_size: int | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -84,25 +86,8 @@ class ExtractSummary:
             "workers": self.workers,
             "threads": self.threads,
             "split": self.split,
+            "batch_size": self.batch_size,
         }
-
-
-# Images per forward pass when the user does not say. CPU torch eager gets slower past
-# batch 8 on small caches (measured on 2 vCPUs: batch 32 slower than 8); GPUs want large
-# batches. ONNX Runtime on CPU: per model thread (ORT_PER_THREAD). Measured on 2 vCPUs: with one
-# thread, batch 4/8/16 run at the same speed (efficientnet_lite0 80 img/s, resnet50 13) and
-# smaller batches keep the decode pipeline smoother end to end (lite0 on 12 MP JPEGs 50.4 img/s
-# at 8 vs 48.9 at 16); with two threads ORT needs bigger batches to use both (lite0 89 / 102 /
-# 126 img/s at 4 / 8 / 16).
-DEFAULT_BATCH = {("cuda", "torch"): 64, ("cpu", "torch"): 8}
-ORT_PER_THREAD, ORT_MAX_BATCH = 8, 64
-
-
-def default_batch_size(device: str, runtime: str, threads: int = 1) -> int:
-    """Images per forward pass for a device, runtime and model thread count."""
-    if (device, runtime) == ("cpu", "onnx"):
-        return min(ORT_MAX_BATCH, ORT_PER_THREAD * max(1, threads))
-    return DEFAULT_BATCH.get((device, runtime), 16)
 
 
 def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
@@ -217,9 +202,10 @@ def extract(
         model: a preset or any timm model name.
         weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
         random_init: random weights on purpose; recorded in the store.
-        batch_size: images per forward pass (default ``default_batch_size`` for the device,
-            runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX Runtime,
-            64 on CUDA; re-chosen with the thread split).
+        batch_size: images per forward pass (default ``batching.default_batch_size`` for the
+            device, runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX
+            Runtime, re-chosen with the thread split; on CUDA, probed: doubled from 32 while
+            it fits the free memory and gets faster).
         workers: decode processes (default: usable cores - 1, at least 1; 0 decodes in-process).
             When neither ``workers`` nor ``threads`` is given on CPU, the split is re-chosen
             after the first batches from measured decode and model times
@@ -299,7 +285,12 @@ def extract(
         "torch" if engine not in (None, "local") else runtime,
         thread_plan.intra_op,
     )
-    bs = batch_size or default_batch_size(backbone.device.type, forward.runtime, forward.threads)
+    if batch_size:
+        bs = batch_size
+    elif backbone.device.type == "cuda" and local:
+        bs = probe_cuda_batch_size(forward.forward, backbone.preprocess.size)
+    else:
+        bs = default_batch_size(backbone.device.type, forward.runtime, forward.threads)
     metadata = {
         **store_metadata(backbone, normalize),
         **forward.metadata(),
@@ -372,6 +363,7 @@ def extract(
             if isinstance(runner, LocalEngine):
                 summary.workers, summary.threads = runner.workers, forward.threads
                 summary.split = "measured" if runner.balanced else thread_plan.source
+                summary.batch_size = runner.batch_size
         summary.rows = _count_ok(writer)
     summary.wall_s = time.perf_counter() - t0
     return summary

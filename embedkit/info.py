@@ -16,7 +16,8 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summary of a store: row counts, failures by reason, model and provenance.
 
     Keys: rows, failed, failed_by_reason, dim, model, weights_source, weights_sha256,
-    random_init, normalize, preprocess, version, parts, bytes, created, updated, versions.
+    random_init, normalize, preprocess, runtime, runtimes, precision, version, parts, bytes,
+    created, updated, versions.
     """
     store = open_store(path, vectors=False)  # counts and metadata: no vectors needed
     md = store.metadata
@@ -39,6 +40,7 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "preprocess": md.get("preprocess"),
         "runtime": md.get("runtime"),
         "runtimes": md.get("runtimes") or [md.get("runtime")],
+        "precision": md.get("precision"),  # of the last run: fp32, or bf16/fp16 autocast on CUDA
         "version": store.version,
         "parts": len(manifest.get("parts", [])),
         "bytes": size,

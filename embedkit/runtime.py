@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import Backbone, precision_of
 from .errors import EmbedkitError, InvalidArgumentError
 from .preprocess import Preprocess
 from .threads import usable_cores
@@ -82,7 +82,7 @@ class TorchRunner:
 
     def __init__(self, backbone: Backbone, threads: int, fallback: str | None = None) -> None:
         self.backbone, self.threads, self.fallback = backbone, threads, fallback
-        self.dim, self.preprocess = backbone.dim, backbone.preprocess
+        self.dim, self.preprocess, self.device = backbone.dim, backbone.preprocess, backbone.device
         torch.set_num_threads(threads)  # process-wide: the model is the only torch user here
 
     def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
@@ -100,6 +100,7 @@ class TorchRunner:
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "runtime": "torch",
+            "precision": precision_of(self.device),
             "threads": self.threads,
             "torch_version": torch.__version__,
         }
@@ -119,6 +120,7 @@ class OnnxRunner:
         self.backbone, self.path, self.threads, self.opset = backbone, path, threads, opset
         self.dim, self.preprocess = backbone.dim, backbone.preprocess
         self.shares_cores = False
+        self.device = torch.device("cpu")
         self.session = self._session(threads)
         self.ort_version = ort.__version__
         self.probe_max_abs_diff: float | None = None
@@ -167,6 +169,7 @@ class OnnxRunner:
     def metadata(self) -> dict[str, Any]:
         return {
             "runtime": "onnx",
+            "precision": "fp32",
             "threads": self.threads,
             "onnx_opset": self.opset,
             "onnxruntime_version": self.ort_version,

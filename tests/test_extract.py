@@ -210,6 +210,9 @@ def test_decoder_crash_costs_one_file(photo_dir, tmp_path, monkeypatch):
     assert s.embedded == 7 and dict(s.failed) == {"decode_crash": 1}
     store = open_store(tmp_path / "s")
     assert len(store) == 7
+    # Also while the measured split resizes the pool mid-run (batches of 2: after 4 files).
+    s = _extract(photo_dir, tmp_path / "b", workers=None, batch_size=2)
+    assert s.embedded == 7 and dict(s.failed) == {"decode_crash": 1}
 
 
 def test_list_file_source(photo_dir, tmp_path):
@@ -313,7 +316,8 @@ def test_store_records_every_runtime_used(photo_dir, tmp_path):
 def test_default_split_is_chosen_from_measured_times(photo_dir, tmp_path):
     """Without --workers/--threads the split is re-chosen from the run's timings."""
     s = _extract(photo_dir, tmp_path / "a", workers=None, batch_size=2)
-    assert s.embedded == 7 and s.split == "measured"
+    assert s.embedded == 7 and s.split == "measured" and s.batch_size == 2
+    assert open_store(tmp_path / "a").metadata["precision"] == "fp32"
     assert s.workers >= 1 and s.threads >= 1
     if s.threads > 1 and s.workers + s.threads > os.cpu_count():
         # Only a team that sleeps while waiting (ONNX Runtime, spinning off) shares cores.
