@@ -99,7 +99,7 @@ class LocalEngine:
                 results.append(r)
                 if self._balancing:
                     self._decode_s.append(r.seconds)
-                if len(keys) == self.batch_size:
+                if len(keys) >= self.batch_size:
                     yield self._forward(keys, results)
                     keys, results = [], []
                     self._maybe_balance(pool)

@@ -484,7 +484,9 @@ class OnDiskIndex:
         parts = manifest["parts"]
         indexed = set(source.get("parts") or ())
         files = [part["file"] for part in parts]
-        if not indexed or not indexed <= set(files):
+        if not indexed or not (self.directory / TRAINED).exists():
+            return "the index was built by an older embedkit that did not keep what updates need"
+        if not indexed <= set(files):
             return "the store was compacted since the build"
         masks = _live_ok_masks(path, parts)
         live_old, new_parts = [], []

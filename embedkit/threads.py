@@ -3,7 +3,11 @@ and the model's intra-op threads without oversubscribing.
 
 Why it matters: measured on 2 vCPUs, two OpenMP threads while another process keeps a core busy
 make torch 5-40x slower (barrier spin-waits), so the model gets the cores the decode workers do
-not use, never more. ``os.cpu_count()`` is the wrong number in a container: it ignores both the
+not use, never more (``plan_threads``). When the user fixes neither count, ``balanced_split``
+re-chooses the split from the run's measured decode and model costs; it allows exactly two
+kinds of sharing, both without spin-waiting teams: one model thread beside a worker per core
+(decode-bound runs), and ONNX Runtime threads with spinning off beside lightly loaded workers
+(model-bound runs). ``os.cpu_count()`` is the wrong number in a container: it ignores both the
 CPU affinity mask (``taskset``, ``docker --cpuset-cpus``) and the cgroup CPU quota
 (``docker --cpus``, Kubernetes limits). ``usable_cores`` respects both.
 """
