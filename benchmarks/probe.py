@@ -36,7 +36,7 @@ from _results import write_section  # noqa: E402
 
 from embedkit.extract import extract  # noqa: E402
 from embedkit.labels import labelled_features, split_rows  # noqa: E402
-from embedkit.probe import DEFAULT_WEIGHT_DECAYS, train_probe  # noqa: E402
+from embedkit.train import DEFAULT_WEIGHT_DECAYS, train_probe  # noqa: E402
 
 
 def textile_folder(out: Path, per_class: int | None) -> Path:

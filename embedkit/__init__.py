@@ -21,7 +21,7 @@ _EXPORTS = {
     "group_duplicates": "duplicates",
     "Hit": "search",
     "QueryResult": "search",
-    "IndexReport": "search",
+    "IndexReport": "indexing",
     "Backbone": "backbones",
     "DEFAULT_MODEL": "backbones",
     "EmbedkitError": "errors",
@@ -48,19 +48,19 @@ _EXPORTS = {
     "find_duplicates": "duplicates",
     "find_images": "sources",
     "imagenet_labels": "backbones",
-    "index_store": "search",
+    "index_store": "indexing",
     "knn_classify": "knn",
     "knn_evaluate": "knn",
     "list_models": "backbones",
     "load_backbone": "backbones",
     "load_probe": "probe",
-    "open_index": "search",
+    "open_index": "indexing",
     "open_rgb": "images",
     "open_store": "store",
     "search": "search",
     "store_info": "info",
-    "train_probe": "probe",
-    "train_store_probe": "probe",
+    "train_probe": "train",
+    "train_store_probe": "train",
 }
 
 if TYPE_CHECKING:
@@ -90,13 +90,15 @@ if TYPE_CHECKING:
     from .images import FAILURE_REASONS, open_rgb
     from .index import Index
     from .index_choice import choose_index_key
+    from .indexing import IndexReport, index_store, open_index
     from .info import store_info
     from .knn import knn_classify, knn_evaluate
-    from .probe import Probe, load_probe, train_probe, train_store_probe
+    from .probe import Probe, load_probe
     from .runtime import RuntimeMismatchError, make_forward
-    from .search import Hit, IndexReport, QueryResult, index_store, open_index, search
+    from .search import Hit, QueryResult, search
     from .sources import find_images
     from .store import Store, export_store, open_store
+    from .train import train_probe, train_store_probe
 
 
 def __getattr__(name: str) -> Any:

@@ -144,10 +144,14 @@ def _print_summary(s: ExtractSummary) -> None:
         f"{s.wall_s:.1f}s (model load included{rate})"
     )
     if s.workers is not None:
-        how = {"measured": "chosen from this run's timings", "override": "--threads"}
+        how = {
+            "measured": "chosen from this run's timings",
+            "initial": "the starting split: too few files to measure one",
+            "override": "--threads",
+        }
         console.print(
-            f"cores: {s.workers} decode worker(s), {s.threads} model thread(s) "
-            f"({how.get(s.split or '', 'cores - workers')})"
+            f"cores: {s.workers} decode worker(s), {s.threads} model thread(s), batch "
+            f"{s.batch_size} ({how.get(s.split or '', 'cores - workers')})"
         )
     if s.failed:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.failed.items()))
@@ -167,6 +171,8 @@ def _print_info(info: dict) -> None:
         "weights_sha256",
         "random_init",
         "normalize",
+        "runtimes",
+        "precision",
         "version",
         "parts",
         "bytes",
@@ -175,6 +181,8 @@ def _print_info(info: dict) -> None:
         value = info[key]
         if key == "random_init" and value:
             value = "[bold red]True (random weights: vectors carry no meaning)[/]"
+        if key == "runtimes":
+            value = ", ".join(v for v in value if v)
         t.add_row(key, str(value))
     if info["failed_by_reason"]:
         t.add_row(

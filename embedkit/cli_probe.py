@@ -225,7 +225,7 @@ def train_cmd(
     )
     if weight_decay:
         options["weight_decays"] = weight_decay
-    from .probe import train_store_probe
+    from .train import train_store_probe
 
     if json_out:
         probe = train_store_probe(store, labels, **options)

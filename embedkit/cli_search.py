@@ -17,7 +17,8 @@ from .clikit import OutputFormat, console, err_console, print_json, run_command
 from .duplicates import DEFAULT_K, DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
 from .errors import InvalidArgumentError
 from .index_choice import DEFAULT_MAX_MEMORY
-from .search import QueryResult, index_store, search
+from .indexing import index_store
+from .search import QueryResult, search
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory (from `embedkit extract`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

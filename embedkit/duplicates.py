@@ -15,8 +15,8 @@ import numpy as np
 
 from .errors import IndexStateError, InvalidArgumentError
 from .index import Index
+from .indexing import Log, open_index
 from .ondisk import OnDiskIndex
-from .search import Log, open_index
 from .store import Store, open_store
 
 # Cosine similarity that joins two images. Measured with the default efficientnet_lite0 on six

@@ -57,7 +57,8 @@ class ExtractSummary:
     wall_s: float = 0.0  # the whole run, model loading included
     embed_s: float = 0.0  # decoding + forward + commits only
     # How the cores were split (local engine): decode workers, model threads, and whether the
-    # split came from the static policy, --threads/--workers, or this run's timings.
+    # split came from this run's timings ("measured"), was the starting split of a run too short
+    # to measure ("initial"), the static policy ("policy": --workers given) or --threads.
     workers: int | None = None
     threads: int | None = None
     split: str | None = None
@@ -362,7 +363,9 @@ def extract(
             summary.embed_s = time.perf_counter() - t_embed
             if isinstance(runner, LocalEngine):
                 summary.workers, summary.threads = runner.workers, forward.threads
-                summary.split = "measured" if runner.balanced else thread_plan.source
+                summary.split = (
+                    "measured" if runner.balanced else "initial" if balance else thread_plan.source
+                )
                 summary.batch_size = runner.batch_size
         summary.rows = _count_ok(writer)
     summary.wall_s = time.perf_counter() - t0

@@ -136,7 +136,8 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
 
     from embedkit import cli_search  # noqa: F401  (registers index/search)
     from embedkit.cli import app
-    from embedkit.search import INDEX_DIR, ONDISK_DIR, index_store, open_index, search
+    from embedkit.indexing import INDEX_DIR, ONDISK_DIR, index_store, open_index
+    from embedkit.search import search
     from embedkit.store import open_store
 
     rng = np.random.default_rng(3)
@@ -192,7 +193,7 @@ def test_duplicates_through_the_ondisk_index_match_the_in_ram_ones(tmp_path):
     """Past RAM, duplicates query the on-disk index with its memory-mapped vectors and never
     load the store's; the groups equal the in-RAM path's on the same store."""
     from embedkit.duplicates import find_duplicates
-    from embedkit.search import ONDISK_DIR, index_store
+    from embedkit.indexing import ONDISK_DIR, index_store
     from embedkit.store import open_store
 
     rng = np.random.default_rng(5)
@@ -243,7 +244,8 @@ def test_update_appends_tombstones_and_stays_correct(tmp_path):
     """A store that moved on is brought up to date in place: new rows searchable, deleted and
     re-embedded rows' old vectors never returned, recall intact; too much churn rebuilds."""
     from embedkit.duplicates import find_duplicates
-    from embedkit.search import ONDISK_DIR, index_store, search
+    from embedkit.indexing import ONDISK_DIR, index_store
+    from embedkit.search import search
     from embedkit.store import open_store
 
     rng = np.random.default_rng(11)

@@ -11,7 +11,8 @@ from conftest import TINY, make_photo
 
 from embedkit.errors import ProbeError
 from embedkit.labels import labelled_features, split_rows
-from embedkit.probe import HISTORY_COLUMNS, Probe, train_probe
+from embedkit.probe import HISTORY_COLUMNS, Probe
+from embedkit.train import train_probe
 
 FP = {
     "model": "m",

@@ -18,7 +18,8 @@ from embedkit.cli import app
 from embedkit.errors import IndexStateError, InvalidArgumentError, StoreError
 from embedkit.extract import extract
 from embedkit.index import Index
-from embedkit.search import INDEX_DIR, index_store, open_index, search
+from embedkit.indexing import INDEX_DIR, index_store, open_index
+from embedkit.search import search
 from embedkit.store import open_store
 
 runner = CliRunner()
