@@ -31,8 +31,8 @@ from .errors import IndexStateError, InvalidArgumentError, StoreError
 from .index import Index
 from .index_choice import DEFAULT_MAX_MEMORY, METRICS, Metric, choose_index_key
 from .ondisk import INFO as ONDISK_INFO
-from .ondisk import OnDiskIndex, choose_backend, count_live
-from .store import Store, fingerprint_of, open_store, read_manifest
+from .ondisk import OnDiskIndex, choose_backend
+from .store import Store, count_live, fingerprint_of, open_store, read_manifest
 
 INDEX_DIR = "index"
 ONDISK_DIR = "index-ondisk"

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ondisk import merge_ondisk
@@ -47,7 +46,7 @@ from faiss.contrib.ondisk import merge_ondisk
 from .errors import IndexStateError, InvalidArgumentError
 from .index_choice import METRICS, Metric, choose_index_key, estimate_memory, ivf_prefix
 from .recall import RECALL_K, RECALL_TARGET, without_own
-from .store import STATUS_OK, fingerprint_of, read_manifest
+from .store import fingerprint_of, live_ok_masks, read_manifest
 
 FORMAT = "embedkit-ondisk-index"
 INFO, INDEX, LISTS, TRAINED = "ondisk.json", "index.faiss", "lists.ivfdata", "trained.faiss"
@@ -117,31 +116,6 @@ def choose_backend(
 # -- reading the store ---------------------------------------------------------------------------
 
 
-def _live_ok_masks(store: Path, parts: list[dict[str, Any]]) -> list[np.ndarray]:
-    """Per part, which rows are live ``ok`` rows (the last row of their id across parts)."""
-    ids, ok = [], []
-    for part in parts:
-        t = pq.read_table(store / part["file"], columns=["id", "status"])
-        ids.append(t["id"].to_numpy())
-        ok.append(pc.equal(t["status"], STATUS_OK).to_numpy(zero_copy_only=False))
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    last = np.zeros(len(all_ids), bool)
-    _, first_rev = np.unique(all_ids[::-1], return_index=True)
-    last[len(all_ids) - 1 - first_rev] = True
-    bounds = np.cumsum([0] + [len(i) for i in ids])
-    return [last[bounds[p] : bounds[p + 1]] & ok[p] for p in range(len(parts))]
-
-
-def count_live(store: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
-    """Live ``ok`` rows of a store and its manifest, reading only the id and status columns
-    (to choose a backend without loading the vectors)."""
-    manifest = read_manifest(Path(store))
-    if manifest is None:
-        raise InvalidArgumentError(f"{store} is not an embedkit store (no manifest.json)")
-    masks = _live_ok_masks(Path(store), manifest["parts"])
-    return int(sum(int(m.sum()) for m in masks)), manifest
-
-
 def _stream_vectors(store: Path, out: Path, metric: str) -> tuple[int, int, dict[str, Any]]:
     """Write the live ok vectors to ``out/vectors.f32`` and ids to ``out/ids.i64``:
     (n, dim, the manifest they came from)."""
@@ -152,7 +126,7 @@ def _stream_vectors(store: Path, out: Path, metric: str) -> tuple[int, int, dict
     parts = manifest["parts"]
     n = 0
     with open(out / VECTORS, "wb") as fv, open(out / IDS, "wb") as fi:
-        for part, mask in zip(parts, _live_ok_masks(store, parts), strict=True):
+        for part, mask in zip(parts, live_ok_masks(store, parts), strict=True):
             pf = pq.ParquetFile(store / part["file"])
             start = 0
             for batch in pf.iter_batches(batch_size=65_536, columns=["id", "embedding"]):
@@ -488,7 +462,7 @@ class OnDiskIndex:
             return "the index was built by an older embedkit that did not keep what updates need"
         if not indexed <= set(files):
             return "the store was compacted since the build"
-        masks = _live_ok_masks(path, parts)
+        masks = live_ok_masks(path, parts)
         live_old, new_parts = [], []
         for part, mask in zip(parts, masks, strict=True):
             if part["file"] in indexed:

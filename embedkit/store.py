@@ -268,6 +268,31 @@ def live_rows(table: pa.Table, *, keep_deleted: bool = False) -> pa.Table:
     return live
 
 
+def live_ok_masks(store: Path, parts: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Per part, which rows are live ``ok`` rows (the last row of their id across parts)."""
+    ids, ok = [], []
+    for part in parts:
+        t = pq.read_table(store / part["file"], columns=["id", "status"])
+        ids.append(t["id"].to_numpy())
+        ok.append(pc.equal(t["status"], STATUS_OK).to_numpy(zero_copy_only=False))
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    last = np.zeros(len(all_ids), bool)
+    _, first_rev = np.unique(all_ids[::-1], return_index=True)
+    last[len(all_ids) - 1 - first_rev] = True
+    bounds = np.cumsum([0] + [len(i) for i in ids])
+    return [last[bounds[p] : bounds[p + 1]] & ok[p] for p in range(len(parts))]
+
+
+def count_live(store: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
+    """Live ``ok`` rows of a store and its manifest, reading only the id and status columns
+    (to choose a backend without loading the vectors)."""
+    manifest = read_manifest(Path(store))
+    if manifest is None:
+        raise StoreError(f"{store} is not an embedkit store (no manifest.json)")
+    masks = live_ok_masks(Path(store), manifest["parts"])
+    return int(sum(int(m.sum()) for m in masks)), manifest
+
+
 def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
     """Contiguous float32 (N, D) from the embedding column of rows that all have one."""
     if table.num_rows == 0:
