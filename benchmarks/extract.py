@@ -97,14 +97,14 @@ def naive_loop(backbone, paths: list[Path]) -> float:
 
 def end_to_end(
     paths: list[Path], model: str, batch_size: int | None, workdir: Path
-) -> tuple[float, str]:
+) -> tuple[float, str, int]:
     store = workdir / "bench.store"
     shutil.rmtree(store, ignore_errors=True)
     s = extract([str(paths[0].parent)], store, model=model, batch_size=batch_size)
     assert s.embedded == len(paths), s
     # Per-image throughput: from the first decode to the last commit. Model loading and the
     # one-time ONNX export/check are start-up costs, not throughput (wall_s has them).
-    return s.images_per_s, f"{s.workers}w/{s.threads}t/b{s.batch_size}"
+    return s.images_per_s, f"{s.workers}w/{s.threads}t/b{s.batch_size}", s.batch_size or 16
 
 
 # --- CPU ceiling and runtimes ------------------------------------------------------------------
@@ -365,6 +365,16 @@ def main() -> None:
             )
 
 
+def device_note() -> str:
+    """The accelerator the model ran on, by name (the issue asks for the card's name)."""
+    if not torch.cuda.is_available():
+        return "no GPU"
+    from embedkit.backbones import precision_of
+
+    dev = torch.device("cuda")
+    return f"model on {torch.cuda.get_device_name(dev)} ({precision_of(dev)})"
+
+
 def extract_section(args: argparse.Namespace, work: Path) -> None:
     backbone = load_backbone(args.model)
     # Model-only on the runtime extract picks by default, with every core (no decoding).
@@ -377,8 +387,10 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
     }
     splits = []
     for label, paths in sets.items():
-        e2e, split = end_to_end(paths, args.model, args.batch_size, work)
-        mo = model_only(forward, max(64, len(paths)), args.batch_size or 16)
+        e2e, split, batch = end_to_end(paths, args.model, args.batch_size, work)
+        # Model-only at the batch end-to-end ran with (the probed one on CUDA), on CPU at
+        # least 16 so that every core is used.
+        mo = model_only(forward, max(64, len(paths)), max(batch, 16))
         naive = max(naive_loop(backbone, paths[: min(len(paths), 24)]) for _ in range(2))
         rows.append((label, len(paths), e2e, mo, naive))
         splits.append(f"{label}: {split}")
@@ -398,10 +410,11 @@ def extract_section(args: argparse.Namespace, work: Path) -> None:
         [
             f"Model `{args.model}`, extract's default runtime (`{forward.runtime}` here), "
             f"end-to-end batch {args.batch_size or 'as extract chooses (8 per model thread)'}, "
-            f"model-only batch {args.batch_size or 16}, decode workers / model threads chosen "
+            "model-only batch = the end-to-end one (at least 16), decode workers / model threads "
+            "chosen "
             "by `extract` from "
             f"the run's timings ({'; '.join(splits)}), torch {torch.__version__} on "
-            f"{os.cpu_count()} CPU cores ({cpu}), no GPU. "
+            f"{os.cpu_count()} CPU cores ({cpu}), {device_note()}. "
             "End-to-end = `embedkit.extract` into a fresh store (hash, decode with JPEG "
             "draft, resize/crop in workers, forward, Parquet commits), timed from the first "
             "decode to the last commit (model loading and ONNX export excluded). Model-only = "
