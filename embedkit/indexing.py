@@ -259,7 +259,7 @@ def _index_ondisk(
     elif (path / INDEX_DIR / "index.json").exists():
         reason = "the in-RAM index and vectors no longer fit --max-memory"
     start = time.perf_counter()
-    index = OnDiskIndex.build(path, directory, metric=metric, key=key)  # tunes nprobe/k_factor
+    index = OnDiskIndex.build(path, directory, metric=metric, key=key, log=log)  # and tunes it
     index.info.update(
         backend="ondisk",
         key_chosen="auto",

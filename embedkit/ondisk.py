@@ -29,11 +29,15 @@ the store was compacted, ``update`` declines and the caller rebuilds.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +117,24 @@ def choose_backend(
     return "ondisk", key
 
 
+@contextlib.contextmanager
+def _c_stdout_silenced() -> Iterator[None]:
+    """Discard what C code writes to stdout meanwhile: faiss's on-disk lists printf() progress
+    lines, which would corrupt ``--json`` output. Python's own stdout is untouched."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)  # what C buffered goes to /dev/null, not to the restored stdout
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 # -- reading the store ---------------------------------------------------------------------------
 
 
@@ -159,7 +181,8 @@ class OnDiskIndex:
         self.dim, self.n = int(info["dim"]), int(info["n"])
         self.params: dict[str, int] = dict(info.get("params") or {})
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # find lists.ivfdata beside index.faiss
-        self._index = faiss.read_index(str(directory / INDEX), flags)
+        with _c_stdout_silenced():  # faiss printf()s the list file's new path
+            self._index = faiss.read_index(str(directory / INDEX), flags)
         self._vectors = np.memmap(directory / VECTORS, np.float32, "r", shape=(self.n, self.dim))
         self._ids = np.memmap(directory / IDS, np.int64, "r", shape=(self.n,))
         delta = info.get("delta")  # rows added by updates, in RAM
@@ -181,6 +204,7 @@ class OnDiskIndex:
         train_size: int | None = None,
         shard_rows: int = SHARD_ROWS,
         seed: int = 0,
+        log: Callable[[str], None] | None = None,
     ) -> OnDiskIndex:
         """Build from a store's parts into ``directory`` (replaced atomically when done).
 
@@ -193,7 +217,9 @@ class OnDiskIndex:
                 the PQ codebooks, at most n).
             shard_rows: vectors per shard.
             seed: sampling seed.
+            log: receives one line per phase and per shard (a build of 10M takes minutes).
         """
+        say = log or (lambda _: None)
         if metric not in METRICS:
             raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
         if shard_rows < 1:
@@ -204,6 +230,7 @@ class OnDiskIndex:
         tmp.mkdir(parents=True)
         times: dict[str, float] = {}
         t = time.perf_counter()
+        say(f"on-disk index: copying the store's vectors to {tmp.parent}")
         n, dim, manifest = _stream_vectors(Path(store), tmp, metric)
         times["stream_s"] = time.perf_counter() - t
         if n == 0:
@@ -226,6 +253,7 @@ class OnDiskIndex:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
         t = time.perf_counter()
+        say(f"on-disk index: training {key} on {size:,} of {n:,} vectors")
         index.train(np.ascontiguousarray(vectors[sample]))
         times["train_s"] = time.perf_counter() - t
         trained = tmp / TRAINED  # kept: updates fill a delta index from it
@@ -234,6 +262,8 @@ class OnDiskIndex:
         shards: list[Path] = []
         for start in range(0, n, shard_rows):
             stop = min(n, start + shard_rows)
+            nshards = math.ceil(n / shard_rows)
+            say(f"on-disk index: adding shard {len(shards) + 1}/{nshards} ({stop:,}/{n:,} vectors)")
             shard = faiss.read_index(str(trained))
             shard.add_with_ids(
                 np.ascontiguousarray(vectors[start:stop]), np.arange(start, stop, dtype=np.int64)
@@ -244,8 +274,9 @@ class OnDiskIndex:
         times["add_s"] = time.perf_counter() - t
         t = time.perf_counter()
         merged = faiss.read_index(str(trained))
-        merge_ondisk(merged, [str(s) for s in shards], str(tmp / LISTS))
-        faiss.write_index(merged, str(tmp / INDEX))
+        with _c_stdout_silenced():  # OnDiskInvertedLists printf()s "resizing ..." to stdout
+            merge_ondisk(merged, [str(s) for s in shards], str(tmp / LISTS))
+            faiss.write_index(merged, str(tmp / INDEX))
         del merged
         for s in shards:
             s.unlink()
@@ -276,6 +307,7 @@ class OnDiskIndex:
             shutil.rmtree(final)
         os.replace(tmp, final)
         built = cls(final, info)
+        say("on-disk index: measuring recall to choose nprobe")
         built.tune(seed=seed)
         return built
 
