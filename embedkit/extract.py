@@ -207,10 +207,11 @@ def extract(
             device, runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX
             Runtime, re-chosen with the thread split; on CUDA, probed: doubled from 32 while
             it fits the free memory and gets faster).
-        workers: decode processes (default: usable cores - 1, at least 1; 0 decodes in-process).
-            When neither ``workers`` nor ``threads`` is given on CPU, the split is re-chosen
-            after the first batches from measured decode and model times
-            (``threads.balanced_split``); ``ExtractSummary.workers/threads/split`` say what ran.
+        workers: decode processes (0 decodes in-process). Default on CPU, when ``threads`` is
+            not given either: one per usable core to start, then re-chosen with the model
+            threads after the first batches from measured decode and model times
+            (``threads.balanced_split``); on CUDA: usable cores - 1.
+            ``ExtractSummary.workers/threads/split/batch_size`` say what ran.
         device: ``auto``, ``cpu`` or ``cuda``.
         normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
             ImageNet head usable; search normalises on its own).
@@ -220,7 +221,8 @@ def extract(
         runtime: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (ONNX Runtime on CPU
             when installed and its export matches torch, else torch). Vectors of either
             runtime are interchangeable within one store.
-        threads: model threads (default: usable cores - decode workers, at least 1).
+        threads: model threads (default: measured with ``workers`` as above; usable cores -
+            decode workers, at least 1, when ``workers`` is given).
         engine: who decodes and runs the model: ``local`` (default: decode workers and the
             model on this machine), ``ray`` (Ray Data: decode tasks and model actors on a
             cluster; needs ``embedkit[ray]``), or an ``Engine`` object.
