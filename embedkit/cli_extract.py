@@ -56,14 +56,15 @@ def extract_cmd(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per forward pass [default: 8 torch / 16 ONNX Runtime on CPU, 64 on CUDA]."
+            help="Images per forward pass (default: 8 for torch on CPU, 8 per model thread for "
+            "ONNX Runtime, probed from free memory on CUDA)."
         ),
     ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Decode processes; 0 decodes in-process. [default: chosen from measured "
-            "decode and model times after the first batches; usable cores - 1 until then]"
+            help="Decode processes; 0 decodes in-process (default: one per core to start, then "
+            "chosen with the model threads from the run's measured decode and model times)."
         ),
     ] = None,
     device: Annotated[
@@ -79,19 +80,19 @@ def extract_cmd(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="Model threads. [default: chosen with --workers from measured times; "
-            "usable cores - decode workers when --workers is given]"
+            help="Model threads (default: chosen with the decode workers from measured times; "
+            "usable cores - decode workers when --workers is given)."
         ),
     ] = None,
     engine: Annotated[
         str,
         typer.Option(
-            help="local | ray (Ray Data on a cluster; needs `pip install embedkit[ray]`)."
+            help="local | ray (Ray Data on a cluster; needs `pip install embedkit\\[ray]`)."
         ),
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster address for --engine ray [default: start a local Ray]."),
+        typer.Option(help="Ray cluster address for --engine ray (default: start a local Ray)."),
     ] = None,
     normalize: Annotated[
         bool,

@@ -37,3 +37,16 @@ def test_every_command_has_help_and_is_in_readme():
             if param.name != "help" and getattr(param, "help", None) is None and not param.hidden:
                 if param.param_type_name == "option":
                     raise AssertionError(f"option {param.name} of {path} has no help")
+
+
+def test_help_texts_survive_rich_markup():
+    """typer renders help through Rich, which swallows ``[word ...]`` as a markup tag: the
+    ``[ray]`` of ``pip install embedkit[ray]`` and ``[default: ...]`` notes vanished."""
+    import re
+
+    root = typer.main.get_command(app)
+    unescaped = re.compile(r"(?<!\\)\[[a-z/]")
+    for path, cmd in _commands(root):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            assert not unescaped.search(text), f"{path}: escape the [ in {text!r}"
