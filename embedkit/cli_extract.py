@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .cli_app import app
 from .clikit import console, print_json, run_command
@@ -180,11 +181,12 @@ def _print_info(info: dict) -> None:
         "updated",
     ):
         value = info[key]
-        if key == "random_init" and value:
-            value = "[bold red]True (random weights: vectors carry no meaning)[/]"
         if key == "runtimes":
             value = ", ".join(v for v in value if v)
-        t.add_row(key, str(value))
+        cell = Text(str(value))
+        if key == "random_init" and value:
+            cell = Text("True (random weights: vectors carry no meaning)", style="bold red")
+        t.add_row(key, cell)
     if info["failed_by_reason"]:
         t.add_row(
             "failed by reason",

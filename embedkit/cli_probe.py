@@ -248,7 +248,7 @@ def train_cmd(
     s = probe.settings
     if s.get("n_unlabelled_dropped"):
         console.print(
-            f"[yellow]dropped {s['n_unlabelled_dropped']} stored images without a label[/]"
+            f"dropped {s['n_unlabelled_dropped']} stored images without a label", style="yellow"
         )
     console.print(
         f"chose weight decay {s['weight_decay']:g} ({s['weight_decay_choice']}); "

@@ -16,11 +16,15 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import EmbedkitError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# markup=False: what we print is full of user data (paths, labels, error messages) in which Rich
+# would take "[2019]" or "[red]" for markup and drop or restyle it. Styling is explicit instead
+# (``style=``, ``Text``).
+console = Console(stderr=False, highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,7 +45,7 @@ def run_command(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EmbedkitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; committed work is kept, rerun to resume")

@@ -114,3 +114,22 @@ def test_help_and_info_do_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_paths_with_brackets_print_as_they_are(tmp_path):
+    """Rich would read "[red]" or "[2019]" in a path as markup and drop it from the table."""
+    from conftest import make_photo
+
+    src = tmp_path / "[2019] trip"
+    for name, seed in (("[red]cat.jpg", 1), ("[bold]dog[_x].jpg", 2), ("plain.jpg", 3)):
+        make_photo(src / name, seed)
+    (src / "[bad].jpg").write_bytes(b"not an image")
+    st = str(tmp_path / "s")
+    _ok(["extract", str(src), "--store", st, "--model", TINY, "--random-init", "--workers", "1"])
+    r = _ok(["search", st, str(src / "[red]cat.jpg"), "-k", "3"])
+    # The table may fold a long path over lines: compare without borders and whitespace.
+    flat = "".join(ch for ch in r.stdout if ch not in "│ \n")
+    for name in ("[red]cat.jpg", "[bold]dog[_x].jpg"):
+        assert name in flat, r.stdout
+    r = runner.invoke(app, ["search", st, str(src / "[nope].jpg")])
+    assert r.exit_code == 1 and "[nope].jpg" in r.output
