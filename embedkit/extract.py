@@ -32,7 +32,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .progress import ExtractProgress
 from .runtime import make_forward
 from .sources import FoundFile, find_images
-from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, row_id, vectors_of
+from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, row_id, storable, vectors_of
 from .store_writer import StoreWriter
 from .threads import default_workers, plan_threads, usable_cores
 
@@ -251,9 +251,10 @@ def extract(
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
     store = os.path.expanduser(os.fspath(store))
     found, scan_failures = find_images(sources)
-    walked_roots = {os.path.abspath(os.fspath(s)) for s in sources if os.path.isdir(s)}
+    # Compared with stored roots and paths, so in their stored form (``store.storable``).
+    walked_roots = {storable(os.path.abspath(os.fspath(s))) for s in sources if os.path.isdir(s)}
     skipped_dirs = [
-        os.path.join(f.root, f.path)
+        storable(os.path.join(f.root, f.path))
         for f in scan_failures
         if f.reason in ("unreadable_dir", "symlink_loop")
     ]

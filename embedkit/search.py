@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import IndexStateError, InvalidArgumentError, StoreError
 from .indexing import Log, _rebuild_hint, open_index
-from .store import Store, open_store
+from .store import Store, open_store, storable
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,19 @@ def _resolve_queries(
             row = store.row_of(q if isinstance(q, int) else os.fspath(q))
         except StoreError:
             row = None
+        # Labels are for display: storable() so that a non-UTF-8 file name prints.
         if row is not None:
-            labels.append((os.fspath(q) if not isinstance(q, int) else str(q), int(store.ids[row])))
+            label = storable(os.fspath(q)) if not isinstance(q, int) else str(q)
+            labels.append((label, int(store.ids[row])))
             vectors.append(store.vectors_at([row]))
         elif not isinstance(q, int) and os.path.isfile(q):
             images.append((len(vectors), os.fspath(q)))
-            labels.append((os.fspath(q), None))
+            labels.append((storable(os.fspath(q)), None))
             vectors.append(np.zeros((1, store.dim), np.float32))  # filled below
         else:
+            shown = storable(os.fspath(q)) if not isinstance(q, int) else q
             raise StoreError(
-                f"query {os.fspath(q) if not isinstance(q, int) else q!r} is neither a stored "
-                f"path or id of {store.path} nor an image file"
+                f"query {shown!r} is neither a stored path or id of {store.path} nor an image file"
             )
     for file in vector_files:
         try:

@@ -73,12 +73,29 @@ def store_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
 COLUMNS = tuple(store_schema(1).names)
 
 
+def storable(text: str) -> str:
+    """``text`` as the store's UTF-8 string columns can hold it.
+
+    Linux file names are bytes: a name that is not valid UTF-8 reaches Python with surrogate
+    escapes (PEP 383), which Parquet cannot store. Those bytes are written as ``\\xNN``
+    (``bad\\xffname.jpg``): readable, stable across runs, and the same for the scan and the
+    store, so reruns still recognise the file. Valid text is returned unchanged.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
 def row_id(root: str, path: str) -> int:
     """Stable int64 id of a file: blake2b-64 of ``root + NUL + path``, top bit cleared.
 
     Stable across runs and machines for the same root and relative path, and a valid FAISS id.
+    Takes the names as found or as stored (``storable``): both give the same id.
     """
-    digest = hashlib.blake2b(f"{root}\0{path}".encode(), digest_size=8).digest()
+    key = f"{storable(root)}\0{storable(path)}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -185,6 +202,7 @@ class Store:
             if row >= 0:
                 return row
         if isinstance(key, str):
+            key = storable(key)  # paths are stored in this form
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
                 if key == path or key == os.path.join(root, path):
                     return n
@@ -192,7 +210,7 @@ class Store:
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
                 if absolute == os.path.join(root, path):
                     return n
-        raise StoreError(f"{key!r} is not an embedded row of store {self.path}")
+        raise StoreError(f"{storable(str(key))!r} is not an embedded row of store {self.path}")
 
     def head(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The backbone's ImageNet classifier (weight (C, D), bias (C,)), if it had one."""

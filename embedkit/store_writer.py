@@ -39,6 +39,7 @@ from .store import (
     fingerprint_of,
     live_rows,
     read_manifest,
+    storable,
     store_schema,
 )
 
@@ -256,8 +257,8 @@ class StoreWriter:
         )
         columns = [
             pa.array(list(ids), pa.int64()),
-            pa.array(list(roots), pa.string()),
-            pa.array(list(paths), pa.string()),
+            pa.array([storable(r) for r in roots], pa.string()),
+            pa.array([storable(p) for p in paths], pa.string()),
             pa.array(list(content_hash or none), pa.string()),
             pa.array(list(size or none), pa.int64()),
             pa.array(list(mtime_ns or none), pa.int64()),
@@ -266,7 +267,7 @@ class StoreWriter:
             pa.array(list(n_frames or none), pa.int32()),
             status_arr,
             pa.array(list(reason or none), pa.string()),
-            pa.array(list(detail or none), pa.string()),
+            pa.array([None if d is None else storable(d) for d in detail or none], pa.string()),
             emb_arr,
         ]
         self._buffer.append(pa.RecordBatch.from_arrays(columns, schema=self._schema))

@@ -327,3 +327,23 @@ def test_default_split_is_chosen_from_measured_times(photo_dir, tmp_path):
     a, b = open_store(tmp_path / "a"), open_store(tmp_path / "b")
     rows = [a.row_of(int(i)) for i in b.ids]
     np.testing.assert_allclose(a.vectors[rows], b.vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_file_names_that_are_not_utf8(photo_dir, tmp_path):
+    """Linux names are bytes; Parquet strings are UTF-8. Such a file is embedded under an
+    escaped name, recognised as unchanged on a rerun, and found by its real path."""
+    from embedkit.search import search
+
+    raw = os.path.join(os.fsencode(photo_dir), b"caf\xe9 \xff.jpg")
+    try:
+        make_photo(Path(os.fsdecode(raw)), 99)  # unlike the other photos
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem only takes UTF-8 names")
+    s = _extract(photo_dir, tmp_path / "s")
+    assert s.embedded == 8 and s.n_failed == 0
+    store = open_store(tmp_path / "s")
+    assert "caf\\xe9 \\xff.jpg" in store.paths
+    again = _extract(photo_dir, tmp_path / "s")
+    assert (again.unchanged, again.embedded, again.deleted) == (8, 0, 0)
+    hits = search(store, [os.fsdecode(raw)], k=1)[0].hits
+    assert hits[0].path.endswith("caf\\xe9 \\xff.jpg") and hits[0].score > 0.999
