@@ -16,6 +16,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -56,7 +57,11 @@ def decode_file(
     """Read, hash and decode one file; never raises for a bad file."""
     t0 = time.perf_counter()
     try:
-        with open(abspath, "rb") as f:
+        # O_NONBLOCK: a file swapped for a named pipe since the scan must not block the open.
+        fd = os.open(abspath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return Decoded("failed", None, reason="not_a_file", detail="not a regular file")
             data = f.read()
     except PermissionError:
         return Decoded("failed", None, reason="permission_denied", detail="permission denied")

@@ -60,6 +60,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "not_found",
     "symlink_loop",
     "unreadable_dir",
+    "not_a_file",  # a pipe, device or socket with an image suffix
     "decode_crash",  # set by the caller when a decode worker process dies on a file
 )
 

@@ -11,6 +11,7 @@ import csv
 import errno
 import io
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,9 +125,13 @@ def _add_entry(path: str, found: list[FoundFile], failures: list[ScanFailure]) -
 
 
 def _stat_failure(abspath: str, root: str, rel: str) -> ScanFailure | None:
-    """Why a (possibly symlinked) file cannot be used, or None when it exists."""
+    """Why a (possibly symlinked) file cannot be used, or None when it is a regular file.
+
+    A named pipe would block the decoder forever and a device like /dev/zero never ends, so
+    anything but a regular file is refused here, before any worker opens it.
+    """
     try:
-        os.stat(abspath)
+        st = os.stat(abspath)
     except FileNotFoundError:
         return ScanFailure(root, rel, "not_found", "broken symlink")
     except PermissionError as e:
@@ -134,6 +139,8 @@ def _stat_failure(abspath: str, root: str, rel: str) -> ScanFailure | None:
     except OSError as e:
         reason = "symlink_loop" if e.errno == errno.ELOOP else "not_found"
         return ScanFailure(root, rel, reason, _describe(e))
+    if not stat.S_ISREG(st.st_mode):
+        return ScanFailure(root, rel, "not_a_file", "not a regular file (a pipe, device or socket)")
     return None
 
 
@@ -181,10 +188,10 @@ def _walk(root: str, found: list[FoundFile], failures: list[ScanFailure]) -> Non
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
-            failure = _stat_failure(entry.path, root, child) if entry.is_symlink() else None
+            failure = _stat_failure(entry.path, root, child)
             if failure is not None:
                 problems.append(failure)
-            elif entry.is_file(follow_symlinks=True):
+            else:
                 results.append(FoundFile(root=root, path=child, abspath=entry.path))
         stack.extend(reversed(subdirs))  # depth-first in name order: the first alias wins
 

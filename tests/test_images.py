@@ -368,7 +368,7 @@ def test_failure_reasons_closed_set() -> None:
     assert set(FAILURE_REASONS) == {
         "empty_file", "unidentified", "truncated", "decompression_bomb", "decode_error",
         "unsupported_mode", "unsupported_format", "permission_denied", "not_found",
-        "symlink_loop", "unreadable_dir", "decode_crash",
+        "symlink_loop", "unreadable_dir", "not_a_file", "decode_crash",
     }  # fmt: skip
     with pytest.raises(AssertionError):
         ImageDecodeError("made_up", "x")
@@ -485,3 +485,33 @@ def test_nonexistent_source_raises(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="does not exist") as info:
         find_images([tmp_path / "nope"])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_pipes_and_devices_are_refused_not_opened(tmp_path: Path) -> None:
+    """A named pipe blocks whoever opens it and /dev/zero never ends: both are recorded as
+    not_a_file, in a folder, through a symlink and in a list file, and never reach a decoder."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    from conftest import make_photo
+
+    make_photo(folder / "ok.jpg", 1)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'pipe.jpg'}\n{folder / 'zero.jpg'}\n{folder / 'ok.jpg'}\n")
+    for source in (folder, listing):
+        found, failures = find_images([source])
+        assert [f.path for f in found] == ["ok.jpg"]
+        assert sorted((f.path, f.reason) for f in failures) == [
+            ("pipe.jpg", "not_a_file"),
+            ("zero.jpg", "not_a_file"),
+        ]
+    # A file swapped for a pipe after the scan: the decoder refuses it without blocking.
+    code = (
+        "from embedkit.decode import decode_file; from embedkit.backbones import load_backbone;"
+        f"print(decode_file({str(folder / 'pipe.jpg')!r}, "
+        "load_backbone('test_efficientnet', random_init=True).preprocess).reason)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "not_a_file", done.stderr
