@@ -84,6 +84,10 @@ def search(
             "give at least one query (an image, a stored path or id, --vector)"
         )
     index = open_index(st, log=log)
+    if threshold is not None and index.metric == "cosine" and not -1.0 <= threshold <= 1.0:
+        raise InvalidArgumentError(
+            f"--threshold {threshold} can match nothing: cosine similarity is in [-1, 1]"
+        )
     # one extra result per query so that dropping the query itself still leaves k
     extra = 1 if exclude_self else 0
     if threshold is None:

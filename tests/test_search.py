@@ -76,6 +76,8 @@ def test_vector_queries_and_threshold(store: Path, tmp_path: Path) -> None:
     assert len(everything.hits) == len(st.ids)
     [few] = search(store, ["p0.jpg"], threshold=0.9999)
     assert [h.path.endswith("p0.jpg") for h in few.hits] == [True]
+    with pytest.raises(InvalidArgumentError, match=r"\[-1, 1\]"):
+        search(store, ["p0.jpg"], threshold=2.0)  # cosine: nothing could ever match
     np.save(tmp_path / "bad.npy", np.zeros(3))
     with pytest.raises(InvalidArgumentError, match="dimensions"):
         search(store, [], vector_files=[tmp_path / "bad.npy"])
