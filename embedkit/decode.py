@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import store_writer
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_rgb
+from .images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageDecodeError, open_rgb
 from .preprocess import Preprocess
 
 
@@ -60,8 +60,17 @@ def decode_file(
         # O_NONBLOCK: a file swapped for a named pipe since the scan must not block the open.
         fd = os.open(abspath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 return Decoded("failed", None, reason="not_a_file", detail="not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                return Decoded(
+                    "failed",
+                    None,
+                    reason="too_large",
+                    detail=f"{st.st_size / 2**30:.1f} GiB; no image under the pixel cap is "
+                    f"over {MAX_FILE_BYTES / 2**30:.0f} GiB",
+                )
             data = f.read()
     except PermissionError:
         return Decoded("failed", None, reason="permission_denied", detail="permission denied")

@@ -25,6 +25,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 # and only warns above Image.MAX_IMAGE_PIXELS. Pillow refuses above its limit at open time
 # whatever ``max_pixels`` says, so larger caps need Image.MAX_IMAGE_PIXELS raised too.
 DEFAULT_MAX_PIXELS = 178_956_970
+# Files are read whole into a decode worker's memory. The largest legitimate file under the
+# pixel cap is an uncompressed 16-bit RGBA TIFF: 178,956,970 x 8 bytes = 1.43 GB. Anything
+# bigger is not an image we would decode (a video or disk image renamed .jpg, a sparse file),
+# and reading it would only risk the machine's memory.
+MAX_FILE_BYTES = 2 * 2**30
 
 # Transparent pixels are composited onto this colour, so that a cut-out product shot embeds
 # the same whatever (undefined) colour its invisible pixels happen to hold.
@@ -61,6 +66,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "symlink_loop",
     "unreadable_dir",
     "not_a_file",  # a pipe, device or socket with an image suffix
+    "too_large",  # a file bigger than MAX_FILE_BYTES, refused before reading it
     "decode_crash",  # set by the caller when a decode worker process dies on a file
 )
 

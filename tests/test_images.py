@@ -368,7 +368,7 @@ def test_failure_reasons_closed_set() -> None:
     assert set(FAILURE_REASONS) == {
         "empty_file", "unidentified", "truncated", "decompression_bomb", "decode_error",
         "unsupported_mode", "unsupported_format", "permission_denied", "not_found",
-        "symlink_loop", "unreadable_dir", "not_a_file", "decode_crash",
+        "symlink_loop", "unreadable_dir", "not_a_file", "too_large", "decode_crash",
     }  # fmt: skip
     with pytest.raises(AssertionError):
         ImageDecodeError("made_up", "x")
@@ -515,3 +515,16 @@ def test_pipes_and_devices_are_refused_not_opened(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "not_a_file", done.stderr
+
+
+def test_huge_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A 3 GiB file named .jpg (sparse here: no disk used) is not read into memory."""
+    from embedkit.backbones import load_backbone
+    from embedkit.decode import decode_file
+
+    big = tmp_path / "movie.jpg"
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**30)
+    pre = load_backbone("test_efficientnet", random_init=True).preprocess
+    r = decode_file(str(big), pre)
+    assert (r.status, r.reason) == ("failed", "too_large") and "3.0 GiB" in (r.detail or "")
