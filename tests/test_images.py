@@ -528,3 +528,26 @@ def test_huge_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
     pre = load_backbone("test_efficientnet", random_init=True).preprocess
     r = decode_file(str(big), pre)
     assert (r.status, r.reason) == ("failed", "too_large") and "3.0 GiB" in (r.detail or "")
+
+
+def test_extreme_aspect_ratio_does_not_allocate_the_resized_image(tmp_path: Path) -> None:
+    """A 1 x 200,000 banner resized to a 256-pixel short side would be 51M x 256 pixels (39 GB):
+    only the crop is resampled, so the worker stays small."""
+    from PIL import Image
+
+    for shape in ((1, 200_000, 3), (200_000, 2, 3)):
+        Image.fromarray(np.full(shape, 128, np.uint8)).save(tmp_path / f"{shape[0]}.png")
+    code = (
+        "import resource, sys; from embedkit.decode import decode_file;"
+        "from embedkit.backbones import load_backbone;"
+        "pre = load_backbone('test_efficientnet', random_init=True).preprocess;"
+        "shapes = [decode_file(p, pre).pixels.shape for p in sys.argv[1:]];"
+        "print(shapes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    files = [str(tmp_path / "1.png"), str(tmp_path / "200000.png")]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shapes, peak_mb = done.stdout.rsplit("]", 1)
+    assert shapes.count("(") == 2 and int(peak_mb) < 2048, done.stdout
