@@ -19,6 +19,7 @@ from embedkit.errors import InvalidArgumentError
 from embedkit.images import IMAGE_SUFFIXES, _describe
 
 _LIST_SUFFIXES = frozenset({".txt", ".csv"})
+_NOT_A_FILE = "not a regular file (a pipe, device or socket)"
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _stat_failure(abspath: str, root: str, rel: str) -> ScanFailure | None:
         reason = "symlink_loop" if e.errno == errno.ELOOP else "not_found"
         return ScanFailure(root, rel, reason, _describe(e))
     if not stat.S_ISREG(st.st_mode):
-        return ScanFailure(root, rel, "not_a_file", "not a regular file (a pipe, device or socket)")
+        return ScanFailure(root, rel, "not_a_file", _NOT_A_FILE)
     return None
 
 
@@ -188,7 +189,12 @@ def _walk(root: str, found: list[FoundFile], failures: list[ScanFailure]) -> Non
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
-            failure = _stat_failure(entry.path, root, child)
+            if entry.is_symlink():
+                failure = _stat_failure(entry.path, root, child)
+            elif entry.is_file(follow_symlinks=False):  # from the directory listing: no stat
+                failure = None
+            else:
+                failure = ScanFailure(root, child, "not_a_file", _NOT_A_FILE)
             if failure is not None:
                 problems.append(failure)
             else:
