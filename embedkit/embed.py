@@ -13,16 +13,10 @@ from PIL import Image
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .errors import StoreMismatchError, WeightsUnavailableError
 from .images import rgb_from_pil
+from .store import l2_normalize
 
 if TYPE_CHECKING:
     from .store import Store
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero); float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def forward_batches(

@@ -25,14 +25,21 @@ from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import default_batch_size, probe_cuda_batch_size
 from .decode import Decoded
-from .embed import l2_normalize
 from .engine import Chunk, Engine, LocalEngine
 from .errors import InvalidArgumentError
 from .images import DEFAULT_MAX_PIXELS
 from .progress import ExtractProgress
 from .runtime import make_forward
 from .sources import FoundFile, find_images
-from .store import STATUS_DELETED, STATUS_FAILED, STATUS_OK, row_id, storable, vectors_of
+from .store import (
+    STATUS_DELETED,
+    STATUS_FAILED,
+    STATUS_OK,
+    l2_normalize,
+    row_id,
+    storable,
+    vectors_of,
+)
 from .store_writer import StoreWriter
 from .threads import default_workers, plan_threads, usable_cores
 

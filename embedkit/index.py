@@ -28,6 +28,7 @@ import numpy as np
 from .errors import IndexStateError, InvalidArgumentError
 from .index_choice import DEFAULT_MAX_MEMORY, Metric, check_metric, choose_index_key
 from .recall import RECALL_K, TUNE_TARGET, exact_topk, recall_with_ties, without_own
+from .store import l2_normalize
 
 
 def _is_compressed(key: str) -> bool:
@@ -54,11 +55,6 @@ def _as_ids(ids: Any, n: int) -> np.ndarray:
     if len(np.unique(a)) != n:
         raise InvalidArgumentError("ids must be unique")
     return a
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def _missing_score(metric: str) -> float:
@@ -146,7 +142,7 @@ class Index:
                 f"{chosen!r} is not a valid FAISS factory string for dim {dim}: "
                 f"{str(exc).splitlines()[-1]}"
             ) from None
-        xs = _normalized(x) if metric == "cosine" else x
+        xs = l2_normalize(x) if metric == "cosine" else x
         if not inner.is_trained:
             inner.train(xs)
         index = cls(_with_ids(inner), chosen, metric)
@@ -263,7 +259,7 @@ class Index:
             )
         if len(np.intersect1d(id_arr, self._tombstones)):
             self._compact()  # a re-added id must not be hidden by its own tombstone
-        xs = _normalized(x) if self.metric == "cosine" else x
+        xs = l2_normalize(x) if self.metric == "cosine" else x
         if self._exact is None and _is_compressed(self.key):
             raise self._needs_vectors()
         self._index.add_with_ids(xs, id_arr)
@@ -307,7 +303,7 @@ class Index:
         """Give a compressed (SQ/PQ) index the raw vectors it re-ranks with (e.g. a store's)."""
         x = _as_vectors(vectors, self.dim)
         id_arr = _as_ids(ids, len(x))
-        self._exact = _Exact.of(_normalized(x) if self.metric == "cosine" else x, id_arr)
+        self._exact = _Exact.of(l2_normalize(x) if self.metric == "cosine" else x, id_arr)
 
     def _needs_vectors(self) -> IndexStateError:
         return IndexStateError(
@@ -329,7 +325,7 @@ class Index:
             raise InvalidArgumentError(f"k must be >= 1, got {k}")
         q = _as_vectors(queries, self.dim)
         if self.metric == "cosine":
-            q = _normalized(q)
+            q = l2_normalize(q)
         scores, ids = self._search_prepared(q, k)
         if self.metric == "l2":
             scores = np.sqrt(np.maximum(scores, 0), out=scores, where=np.isfinite(scores))

@@ -50,7 +50,7 @@ from faiss.contrib.ondisk import merge_ondisk
 from .errors import IndexStateError, InvalidArgumentError
 from .index_choice import METRICS, Metric, choose_index_key, estimate_memory, ivf_prefix
 from .recall import RECALL_K, RECALL_TARGET, without_own
-from .store import fingerprint_of, live_ok_masks, read_manifest
+from .store import fingerprint_of, l2_normalize, live_ok_rows, read_manifest
 
 FORMAT = "embedkit-ondisk-index"
 INFO, INDEX, LISTS, TRAINED = "ondisk.json", "index.faiss", "lists.ivfdata", "trained.faiss"
@@ -148,24 +148,31 @@ def _stream_vectors(store: Path, out: Path, metric: str) -> tuple[int, int, dict
     parts = manifest["parts"]
     n = 0
     with open(out / VECTORS, "wb") as fv, open(out / IDS, "wb") as fi:
-        for part, mask in zip(parts, live_ok_masks(store, parts), strict=True):
-            pf = pq.ParquetFile(store / part["file"])
-            start = 0
-            for batch in pf.iter_batches(batch_size=65_536, columns=["id", "embedding"]):
-                keep = mask[start : start + batch.num_rows]
-                start += batch.num_rows
-                if not keep.any():
-                    continue
-                sel = batch.filter(keep)
-                x = sel.column(1).flatten().to_numpy(zero_copy_only=False)
-                x = np.ascontiguousarray(x.reshape(-1, dim), dtype=np.float32)
-                if metric == "cosine":
-                    norms = np.linalg.norm(x, axis=1, keepdims=True)
-                    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        for part, (_, mask) in zip(parts, live_ok_rows(store, parts), strict=True):
+            for ids, x in _live_vectors(store / part["file"], mask, dim, metric):
                 fv.write(x.tobytes())
-                fi.write(sel.column(0).to_numpy().astype(np.int64).tobytes())
+                fi.write(ids.tobytes())
                 n += len(x)
     return n, dim, manifest
+
+
+def _live_vectors(
+    file: Path, mask: np.ndarray, dim: int, metric: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, float32 vectors)`` of a part's rows selected by ``mask``, in row order, a
+    bounded batch at a time; unit length for cosine (as the index stores them)."""
+    start = 0
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=65_536, columns=["id", "embedding"]):
+        keep = mask[start : start + batch.num_rows]
+        start += batch.num_rows
+        if not keep.any():
+            continue
+        sel = batch.filter(keep)
+        x = sel.column(1).flatten().to_numpy(zero_copy_only=False)
+        x = np.ascontiguousarray(x.reshape(-1, dim), dtype=np.float32)
+        if metric == "cosine":
+            x = l2_normalize(x)
+        yield sel.column(0).to_numpy().astype(np.int64), x
 
 
 # -- the index ---------------------------------------------------------------------------------
@@ -260,9 +267,9 @@ class OnDiskIndex:
         faiss.write_index(index, str(trained))
         t = time.perf_counter()
         shards: list[Path] = []
+        nshards = math.ceil(n / shard_rows)
         for start in range(0, n, shard_rows):
             stop = min(n, start + shard_rows)
-            nshards = math.ceil(n / shard_rows)
             say(f"on-disk index: adding shard {len(shards) + 1}/{nshards} ({stop:,}/{n:,} vectors)")
             shard = faiss.read_index(str(trained))
             shard.add_with_ids(
@@ -330,9 +337,12 @@ class OnDiskIndex:
 
     def alive_rows(self) -> np.ndarray:
         """Sorted rows of ``vectors`` that are not tombstoned."""
-        if not len(self._dead):
-            return np.arange(self.n, dtype=np.int64)
-        return np.setdiff1d(np.arange(self.n, dtype=np.int64), self._dead, assume_unique=True)
+        return np.nonzero(self._alive_mask())[0]
+
+    def _alive_mask(self) -> np.ndarray:
+        alive = np.ones(self.n, bool)
+        alive[self._dead] = False
+        return alive
 
     @property
     def vectors(self) -> np.ndarray:
@@ -357,8 +367,7 @@ class OnDiskIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InvalidArgumentError(f"queries must have shape (Q, {self.dim}), got {q.shape}")
         if self.metric == "cosine":
-            norms = np.linalg.norm(q, axis=1, keepdims=True)
-            q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+            q = l2_normalize(q)
         rows = self._candidates(q, k, nprobe, k_factor)
         scores, rows = self._rerank(q, rows, k)
         ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
@@ -417,8 +426,7 @@ class OnDiskIndex:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         fmetric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
 
-        alive = np.ones(self.n, bool)
-        alive[self._dead] = False
+        alive = self._alive_mask()
         order = np.nonzero(alive)[0]  # the scan's row numbers count alive rows only
 
         def blocks():
@@ -494,12 +502,10 @@ class OnDiskIndex:
             return "the index was built by an older embedkit that did not keep what updates need"
         if not indexed <= set(files):
             return "the store was compacted since the build"
-        masks = live_ok_masks(path, parts)
         live_old, new_parts = [], []
-        for part, mask in zip(parts, masks, strict=True):
+        for part, (part_ids, mask) in zip(parts, live_ok_rows(path, parts), strict=True):
             if part["file"] in indexed:
-                t = pq.read_table(path / part["file"], columns=["id"])
-                live_old.append(t["id"].to_numpy()[mask])
+                live_old.append(part_ids[mask])
             elif mask.any():
                 new_parts.append((part, mask))
         keep = np.concatenate(live_old) if live_old else np.zeros(0, np.int64)
@@ -521,16 +527,11 @@ class OnDiskIndex:
         row = self.n
         with open(d / VECTORS, "ab") as fv, open(d / IDS, "ab") as fi:
             for part, mask in new_parts:
-                t = pq.read_table(path / part["file"], columns=["id", "embedding"]).filter(mask)
-                x = t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                x = np.ascontiguousarray(x.reshape(-1, self.dim), dtype=np.float32)
-                if self.metric == "cosine":
-                    norms = np.linalg.norm(x, axis=1, keepdims=True)
-                    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-                fv.write(x.tobytes())
-                fi.write(t["id"].to_numpy().astype(np.int64).tobytes())
-                delta.add_with_ids(x, np.arange(row, row + len(x), dtype=np.int64))
-                row += len(x)
+                for ids_new, x in _live_vectors(path / part["file"], mask, self.dim, self.metric):
+                    fv.write(x.tobytes())
+                    fi.write(ids_new.tobytes())
+                    delta.add_with_ids(x, np.arange(row, row + len(x), dtype=np.int64))
+                    row += len(x)
             for f in (fv, fi):
                 f.flush()
                 os.fsync(f.fileno())

@@ -286,8 +286,9 @@ def live_rows(table: pa.Table, *, keep_deleted: bool = False) -> pa.Table:
     return live
 
 
-def live_ok_masks(store: Path, parts: list[dict[str, Any]]) -> list[np.ndarray]:
-    """Per part, which rows are live ``ok`` rows (the last row of their id across parts)."""
+def live_ok_rows(store: Path, parts: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per part, ``(ids, mask)``: its ids, and which rows are live ``ok`` rows (the last row of
+    their id across parts). Reads the id and status columns only."""
     ids, ok = [], []
     for part in parts:
         t = pq.read_table(store / part["file"], columns=["id", "status"])
@@ -298,7 +299,7 @@ def live_ok_masks(store: Path, parts: list[dict[str, Any]]) -> list[np.ndarray]:
     _, first_rev = np.unique(all_ids[::-1], return_index=True)
     last[len(all_ids) - 1 - first_rev] = True
     bounds = np.cumsum([0] + [len(i) for i in ids])
-    return [last[bounds[p] : bounds[p + 1]] & ok[p] for p in range(len(parts))]
+    return [(ids[p], last[bounds[p] : bounds[p + 1]] & ok[p]) for p in range(len(parts))]
 
 
 def count_live(store: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
@@ -307,8 +308,16 @@ def count_live(store: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
     manifest = read_manifest(Path(store))
     if manifest is None:
         raise StoreError(f"{store} is not an embedkit store (no manifest.json)")
-    masks = live_ok_masks(Path(store), manifest["parts"])
-    return int(sum(int(m.sum()) for m in masks)), manifest
+    live = live_ok_rows(Path(store), manifest["parts"])
+    return int(sum(int(mask.sum()) for _, mask in live)), manifest
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero); float32. What ``normalize: true``
+    in a store's metadata means, and how cosine indexes see vectors."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
