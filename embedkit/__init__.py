@@ -43,7 +43,7 @@ _EXPORTS = {
     "choose_index_key": "index_choice",
     "classify": "classify",
     "embed": "embed",
-    "export_store": "store",
+    "export_store": "store_writer",
     "extract": "extract",
     "find_duplicates": "duplicates",
     "find_images": "sources",
@@ -97,7 +97,8 @@ if TYPE_CHECKING:
     from .runtime import RuntimeMismatchError, make_forward
     from .search import Hit, QueryResult, search
     from .sources import find_images
-    from .store import Store, export_store, open_store
+    from .store import Store, open_store
+    from .store_writer import export_store
     from .train import train_probe, train_store_probe
 
 

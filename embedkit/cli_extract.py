@@ -13,7 +13,7 @@ from .cli_app import app
 from .clikit import console, print_json, run_command
 from .defaults import DEFAULT_MODEL
 from .info import store_info
-from .store import export_store
+from .store_writer import export_store
 
 if TYPE_CHECKING:  # torch and timm load in the command, not at --help
     from .extract import ExtractSummary

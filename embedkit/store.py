@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,23 +370,3 @@ def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
         roots=ok["root"].to_pylist(),
         hashes=ok["content_hash"].to_pylist(),
     )
-
-
-def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
-    """Write the live view (ok and failed rows) to one Parquet file; returns the row count.
-
-    The file has the store schema and metadata, so pandas, duckdb or polars read it directly.
-    """
-    from .store_writer import _fsync_file  # store_writer imports this module: import at call
-
-    store = open_store(path)
-    table = store.table.cast(store_schema(store.dim, store.metadata))
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return table.num_rows

@@ -38,6 +38,7 @@ from .store import (
     _read_parts,
     fingerprint_of,
     live_rows,
+    open_store,
     read_manifest,
     storable,
     store_schema,
@@ -87,6 +88,24 @@ def _disk_error(exc: OSError, what: Path) -> StoreError:
     return StoreError(
         f"cannot write {what}: {exc.strerror or exc}; the store keeps its last commit"
     )
+
+
+def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """Write the live view (ok and failed rows) to one Parquet file; returns the row count.
+
+    The file has the store schema and metadata, so pandas, duckdb or polars read it directly.
+    """
+    store = open_store(path)
+    table = store.table.cast(store_schema(store.dim, store.metadata))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table.num_rows
 
 
 def describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -15,12 +15,11 @@ import pytest
 from embedkit.errors import StoreError, StoreLockedError, StoreMismatchError
 from embedkit.store import (
     MANIFEST,
-    export_store,
     open_store,
     row_id,
     store_schema,
 )
-from embedkit.store_writer import StoreWriter
+from embedkit.store_writer import StoreWriter, export_store
 
 DIM = 8
 
@@ -160,7 +159,7 @@ def test_second_writer_refused_even_across_processes(tmp_path):
         with pytest.raises(StoreLockedError, match="being written"):
             StoreWriter(tmp_path / "s", _meta()).open()
         code = textwrap.dedent(f"""
-            from embedkit.store_writer import StoreWriter
+            from embedkit.store_writer import StoreWriter, export_store
             from embedkit.errors import StoreLockedError
             try:
                 StoreWriter({str(tmp_path / "s")!r}, {_meta()!r}).open()
