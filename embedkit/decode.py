@@ -198,14 +198,15 @@ class DecodePool:
 
         def fill() -> None:
             nonlocal it
-            if self._resize_to is not None:
+            if self._resize_to is not None and self._resize_to != self.workers:
                 # cancel() only succeeds for work no process has taken yet.
                 requeued = [pending.pop(f) for f in list(pending) if f.cancel()]
                 it = itertools.chain(requeued, it)
-                if self._resize_to != self.workers and self._executor is not None:
+                if self._executor is not None:
                     self._executor.shutdown(wait=False)  # started files still finish
                     self._executor = None
-                self.workers, self._resize_to = self._resize_to, None
+                self.workers = self._resize_to
+            self._resize_to = None
             if self._executor is None:
                 self._executor = self._new_executor()
             while len(pending) < self._window:

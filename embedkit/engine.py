@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -138,7 +138,8 @@ class LocalEngine:
         pool.resize(workers, self._window())
 
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
-        pixels = torch.from_numpy(np.stack([r.pixels for r in results if r.pixels is not None]))
+        # ok results always carry pixels (the cast is for the type checker, nothing is dropped)
+        pixels = torch.from_numpy(np.stack(cast(list[np.ndarray], [r.pixels for r in results])))
         if getattr(self.model, "device", torch.device("cpu")).type == "cuda":
             pixels = pixels.pin_memory()  # so the forward's non_blocking copy really overlaps
         t0 = time.perf_counter()
