@@ -190,26 +190,17 @@ def _open_ondisk(store: Store, log: Log) -> OnDiskIndex | Index:
 
 
 def _ondisk_reason(
-    directory: Path, fingerprint: dict[str, Any], version: int, metric: str, max_memory: int
+    index: OnDiskIndex, fingerprint: dict[str, Any], metric: str, max_memory: int
 ) -> str | None:
-    """Why the on-disk index in ``directory`` must be (re)built; None when it is up to date."""
-    try:
-        index = OnDiskIndex.load(directory)
-    except IndexStateError as exc:
-        return f"the old index was unreadable ({exc})"
-    source = index.info.get("source") or {}
-    if source.get("fingerprint") != fingerprint:
+    """Why ``index`` must be rebuilt whatever the store's version; None when it can serve
+    (up to date, or updated in place)."""
+    if (index.info.get("source") or {}).get("fingerprint") != fingerprint:
         return "the old index came from another model"
     if index.metric != metric:
         return f"the old index was {index.info['key']}/{index.metric}"
     if int(index.info.get("max_memory", max_memory)) != max_memory:
         return "the memory budget changed"
-    if source.get("store_version") != version:
-        return _STALE
     return None
-
-
-_STALE = "stale"  # _ondisk_reason: only the store version moved on, an update may do
 
 
 def _update_ondisk(index: OnDiskIndex, path: Path, version: int, log: Log) -> str | None:
@@ -240,20 +231,23 @@ def _index_ondisk(
     directory = path / ONDISK_DIR
     reason = ""
     if (directory / ONDISK_INFO).exists() and not rebuild:
-        why = _ondisk_reason(directory, fingerprint, version, metric, max_memory)
-        if why is None:
-            index = OnDiskIndex.load(directory)
-            message = f"on-disk index is up to date with store version {version}"
-            log(message)
-            return IndexReport("up to date", message, dict(index.info), directory, index)
-        if why == _STALE:
-            index = OnDiskIndex.load(directory)
-            declined = _update_ondisk(index, path, version, log)
-            if declined is None:
-                message = f"on-disk index updated to store version {version}"
-                return IndexReport("updated", message, dict(index.info), directory, index)
-            why = declined
-        reason = why
+        try:
+            old = OnDiskIndex.load(directory)
+        except IndexStateError as exc:
+            reason = f"the old index was unreadable ({exc})"
+        else:
+            reason = _ondisk_reason(old, fingerprint, metric, max_memory) or ""
+            if not reason and (old.info.get("source") or {}).get("store_version") == version:
+                message = f"on-disk index is up to date with store version {version}"
+                log(message)
+                return IndexReport("up to date", message, dict(old.info), directory, old)
+            if not reason:
+                declined = _update_ondisk(old, path, version, log)
+                if declined is None:
+                    message = f"on-disk index updated to store version {version}"
+                    return IndexReport("updated", message, dict(old.info), directory, old)
+                reason = declined
+            del old  # drop its memory maps before the rebuild replaces the folder
     elif rebuild:
         reason = "--rebuild was asked for"
     elif (path / INDEX_DIR / "index.json").exists():
