@@ -38,11 +38,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
-from embedkit.backbones import Backbone, load_backbone  # noqa: E402
-from embedkit.engine import LocalEngine  # noqa: E402
-from embedkit.extract import extract  # noqa: E402
-from embedkit.runtime import make_forward  # noqa: E402
-from embedkit.threads import default_workers, plan_threads, usable_cores  # noqa: E402
+from embedkit.extraction.local import LocalEngine  # noqa: E402
+from embedkit.extraction.run import extract  # noqa: E402
+from embedkit.extraction.threads import default_workers, plan_threads, usable_cores  # noqa: E402
+from embedkit.models.backbone import Backbone, load_backbone  # noqa: E402
+from embedkit.models.runtime import make_forward  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
@@ -369,7 +369,7 @@ def device_note() -> str:
     """The accelerator the model ran on, by name (the issue asks for the card's name)."""
     if not torch.cuda.is_available():
         return "no GPU"
-    from embedkit.backbones import precision_of
+    from embedkit.models.backbone import precision_of
 
     dev = torch.device("cuda")
     return f"model on {torch.cuda.get_device_name(dev)} ({precision_of(dev)})"

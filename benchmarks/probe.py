@@ -34,9 +34,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
-from embedkit.extract import extract  # noqa: E402
-from embedkit.labels import labelled_features, split_rows  # noqa: E402
-from embedkit.train import DEFAULT_WEIGHT_DECAYS, train_probe  # noqa: E402
+from embedkit.classification.labels import labelled_features, split_rows  # noqa: E402
+from embedkit.classification.train import DEFAULT_WEIGHT_DECAYS, train_probe  # noqa: E402
+from embedkit.extraction.run import extract  # noqa: E402
 
 
 def textile_folder(out: Path, per_class: int | None) -> Path:

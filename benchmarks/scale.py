@@ -54,8 +54,8 @@ def peak_rss_bytes() -> int:
 
 
 def write_store(path: Path, n: int, dim: int, seed: int) -> float:
-    from embedkit.store import STATUS_OK
-    from embedkit.store_writer import StoreWriter
+    from embedkit.store.read import STATUS_OK
+    from embedkit.store.writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
     c = centers(dim, seed)
@@ -87,7 +87,7 @@ def build_and_search(
     store: Path, out: Path, dim: int, seed: int, queries: int, shard_rows: int, key: str | None
 ) -> dict:
     """Runs in the child process: its peak RSS is what the build and searches needed."""
-    from embedkit.ondisk import OnDiskIndex, build_seconds, recall_at_k
+    from embedkit.index.ondisk import OnDiskIndex, build_seconds, recall_at_k
 
     t = time.perf_counter()
     index = OnDiskIndex.build(store, out, shard_rows=shard_rows, key=key, seed=seed)
@@ -203,7 +203,7 @@ def main() -> None:
 
 
 def report(r: dict, quick: bool) -> str:
-    from embedkit.ondisk import ondisk_key
+    from embedkit.index.ondisk import ondisk_key
 
     gb = 1e9
     p = r["phases"]

@@ -21,9 +21,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from embedkit.duplicates import group_duplicates
-from embedkit.index import Index
-from embedkit.index_choice import DEFAULT_MAX_MEMORY, choose_index_key
+from embedkit.index.choice import DEFAULT_MAX_MEMORY, choose_index_key
+from embedkit.index.duplicates import group_duplicates
+from embedkit.index.ram import Index
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"

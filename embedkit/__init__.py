@@ -14,67 +14,60 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "make_forward": "runtime",
-    "RuntimeMismatchError": "runtime",
-    "DuplicateMember": "duplicates",
-    "DuplicateGroup": "duplicates",
-    "group_duplicates": "duplicates",
-    "Hit": "search",
-    "QueryResult": "search",
-    "IndexReport": "indexing",
-    "Backbone": "backbones",
-    "DEFAULT_MODEL": "backbones",
+    "make_forward": "models.runtime",
+    "RuntimeMismatchError": "models.runtime",
+    "DuplicateMember": "index.duplicates",
+    "DuplicateGroup": "index.duplicates",
+    "group_duplicates": "index.duplicates",
+    "Hit": "index.search",
+    "QueryResult": "index.search",
+    "IndexReport": "index.lifecycle",
+    "Backbone": "models.backbone",
+    "DEFAULT_MODEL": "models.backbone",
     "EmbedkitError": "errors",
-    "ExtractSummary": "extract",
-    "FAILURE_REASONS": "images",
-    "Index": "index",
+    "ExtractSummary": "extraction.run",
+    "FAILURE_REASONS": "images.decode",
+    "Index": "index.ram",
     "IndexStateError": "errors",
     "InvalidArgumentError": "errors",
-    "PRESETS": "backbones",
-    "Probe": "probe",
+    "PRESETS": "models.backbone",
+    "Probe": "classification.probe",
     "ProbeError": "errors",
-    "Store": "store",
+    "Store": "store.read",
     "StoreError": "errors",
     "StoreLockedError": "errors",
     "StoreMismatchError": "errors",
     "WeightsMismatchError": "errors",
     "WeightsUnavailableError": "errors",
-    "backbone_for_store": "embed",
-    "choose_index_key": "index_choice",
-    "classify": "classify",
-    "embed": "embed",
-    "export_store": "store_writer",
-    "extract": "extract",
-    "find_duplicates": "duplicates",
-    "find_images": "sources",
-    "imagenet_labels": "backbones",
-    "index_store": "indexing",
-    "knn_classify": "knn",
-    "knn_evaluate": "knn",
-    "list_models": "backbones",
-    "load_backbone": "backbones",
-    "load_probe": "probe",
-    "open_index": "indexing",
-    "open_rgb": "images",
-    "open_store": "store",
-    "search": "search",
-    "store_info": "info",
-    "train_probe": "train",
-    "train_store_probe": "train",
+    "backbone_for_store": "extraction.embed",
+    "choose_index_key": "index.choice",
+    "classify": "classification.head",
+    "embed": "extraction.embed",
+    "export_store": "store.writer",
+    "extract": "extraction.run",
+    "find_duplicates": "index.duplicates",
+    "find_images": "images.sources",
+    "imagenet_labels": "models.backbone",
+    "index_store": "index.lifecycle",
+    "knn_classify": "classification.knn",
+    "knn_evaluate": "classification.knn",
+    "list_models": "models.backbone",
+    "load_backbone": "models.backbone",
+    "load_probe": "classification.probe",
+    "open_index": "index.lifecycle",
+    "open_rgb": "images.decode",
+    "open_store": "store.read",
+    "search": "index.search",
+    "store_info": "store.info",
+    "train_probe": "classification.train",
+    "train_store_probe": "classification.train",
 }
 
 if TYPE_CHECKING:
-    from .backbones import (
-        DEFAULT_MODEL,
-        PRESETS,
-        Backbone,
-        imagenet_labels,
-        list_models,
-        load_backbone,
-    )
-    from .classify import classify
-    from .duplicates import DuplicateGroup, DuplicateMember, find_duplicates, group_duplicates
-    from .embed import backbone_for_store, embed
+    from .classification.head import classify
+    from .classification.knn import knn_classify, knn_evaluate
+    from .classification.probe import Probe, load_probe
+    from .classification.train import train_probe, train_store_probe
     from .errors import (
         EmbedkitError,
         IndexStateError,
@@ -86,20 +79,27 @@ if TYPE_CHECKING:
         WeightsMismatchError,
         WeightsUnavailableError,
     )
-    from .extract import ExtractSummary, extract
-    from .images import FAILURE_REASONS, open_rgb
-    from .index import Index
-    from .index_choice import choose_index_key
-    from .indexing import IndexReport, index_store, open_index
-    from .info import store_info
-    from .knn import knn_classify, knn_evaluate
-    from .probe import Probe, load_probe
-    from .runtime import RuntimeMismatchError, make_forward
-    from .search import Hit, QueryResult, search
-    from .sources import find_images
-    from .store import Store, open_store
-    from .store_writer import export_store
-    from .train import train_probe, train_store_probe
+    from .extraction.embed import backbone_for_store, embed
+    from .extraction.run import ExtractSummary, extract
+    from .images.decode import FAILURE_REASONS, open_rgb
+    from .images.sources import find_images
+    from .index.choice import choose_index_key
+    from .index.duplicates import DuplicateGroup, DuplicateMember, find_duplicates, group_duplicates
+    from .index.lifecycle import IndexReport, index_store, open_index
+    from .index.ram import Index
+    from .index.search import Hit, QueryResult, search
+    from .models.backbone import (
+        DEFAULT_MODEL,
+        PRESETS,
+        Backbone,
+        imagenet_labels,
+        list_models,
+        load_backbone,
+    )
+    from .models.runtime import RuntimeMismatchError, make_forward
+    from .store.info import store_info
+    from .store.read import Store, open_store
+    from .store.writer import export_store
 
 
 def __getattr__(name: str) -> Any:

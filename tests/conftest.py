@@ -12,7 +12,9 @@ from PIL import Image
 # Tiny timm test model (random init): fast enough for unit tests on 2 CPU cores.
 TINY = "test_efficientnet"
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+# The hostile-image corpus lives in the repository (tests/data/corpus, with its MANIFEST and the
+# Pillow licence), so a fresh clone runs every corpus test; nothing here reads outside the clone.
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 
 
 def make_photo(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> Path:
@@ -38,7 +40,7 @@ def photo_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     if not (CORPUS / "MANIFEST.tsv").exists():
-        pytest.skip(f"hostile corpus not found at {CORPUS}")
+        pytest.fail(f"hostile corpus missing at {CORPUS}: the checkout is incomplete")
     return CORPUS
 
 

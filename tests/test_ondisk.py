@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from embedkit.errors import IndexStateError, InvalidArgumentError
-from embedkit.index_choice import choose_index_key
-from embedkit.ondisk import OnDiskIndex, choose_backend, ondisk_key, recall_at_k
-from embedkit.store import STATUS_DELETED, STATUS_FAILED, STATUS_OK
-from embedkit.store_writer import StoreWriter
+from embedkit.index.choice import choose_index_key
+from embedkit.index.ondisk import OnDiskIndex, choose_backend, ondisk_key, recall_at_k
+from embedkit.store.read import STATUS_DELETED, STATUS_FAILED, STATUS_OK
+from embedkit.store.writer import StoreWriter
 
 DIM = 32
 
@@ -138,11 +138,11 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
     on-disk index; `search` and `embedkit search` go through it and return store ids."""
     from typer.testing import CliRunner
 
-    from embedkit import cli_search  # noqa: F401  (registers index/search)
     from embedkit.cli import app
-    from embedkit.indexing import INDEX_DIR, ONDISK_DIR, index_store, open_index
-    from embedkit.search import search
-    from embedkit.store import open_store
+    from embedkit.cli import search as cli_search  # noqa: F401  (registers index/search)
+    from embedkit.index.lifecycle import INDEX_DIR, ONDISK_DIR, index_store, open_index
+    from embedkit.index.search import search
+    from embedkit.store.read import open_store
 
     rng = np.random.default_rng(3)
     n = 10_000
@@ -203,9 +203,9 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
 def test_duplicates_through_the_ondisk_index_match_the_in_ram_ones(tmp_path):
     """Past RAM, duplicates query the on-disk index with its memory-mapped vectors and never
     load the store's; the groups equal the in-RAM path's on the same store."""
-    from embedkit.duplicates import find_duplicates
-    from embedkit.indexing import ONDISK_DIR, index_store
-    from embedkit.store import open_store
+    from embedkit.index.duplicates import find_duplicates
+    from embedkit.index.lifecycle import ONDISK_DIR, index_store
+    from embedkit.store.read import open_store
 
     rng = np.random.default_rng(5)
     n = 6_000
@@ -237,7 +237,7 @@ def test_duplicates_through_the_ondisk_index_match_the_in_ram_ones(tmp_path):
 
 
 def test_lazy_store_reads_single_vectors_from_their_parts(synthetic_store):
-    from embedkit.store import open_store
+    from embedkit.store.read import open_store
 
     path, ids, x, _ = synthetic_store
     lazy = open_store(path, vectors=False)
@@ -254,10 +254,10 @@ def test_lazy_store_reads_single_vectors_from_their_parts(synthetic_store):
 def test_update_appends_tombstones_and_stays_correct(tmp_path):
     """A store that moved on is brought up to date in place: new rows searchable, deleted and
     re-embedded rows' old vectors never returned, recall intact; too much churn rebuilds."""
-    from embedkit.duplicates import find_duplicates
-    from embedkit.indexing import ONDISK_DIR, index_store
-    from embedkit.search import search
-    from embedkit.store import open_store
+    from embedkit.index.duplicates import find_duplicates
+    from embedkit.index.lifecycle import ONDISK_DIR, index_store
+    from embedkit.index.search import search
+    from embedkit.store.read import open_store
 
     rng = np.random.default_rng(11)
     n = 10_000

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import TINY, make_photo
 
+from embedkit.classification.labels import labelled_features, split_rows
+from embedkit.classification.probe import HISTORY_COLUMNS, Probe
+from embedkit.classification.train import train_probe
 from embedkit.errors import ProbeError
-from embedkit.labels import labelled_features, split_rows
-from embedkit.probe import HISTORY_COLUMNS, Probe
-from embedkit.train import train_probe
 
 FP = {
     "model": "m",
@@ -143,7 +143,7 @@ def test_duplicates_count_once_for_stratification() -> None:
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from embedkit.extract import extract
+    from embedkit.extraction.run import extract
 
     root = tmp_path_factory.mktemp("labelled")
     photos = root / "photos"
@@ -165,7 +165,7 @@ def test_folder_labels_and_missing_rows(store_dir: Path) -> None:
 
 
 def test_csv_labels_by_path_and_id(store_dir: Path, tmp_path: Path) -> None:
-    from embedkit.store import open_store
+    from embedkit.store.read import open_store
 
     s = open_store(store_dir / "s.store")
     by_path = tmp_path / "p.csv"
@@ -200,8 +200,8 @@ def test_csv_errors_say_the_fix(store_dir: Path, tmp_path: Path) -> None:
 def test_cli_train_eval_predict_knn(store_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    import embedkit.cli_probe  # noqa: F401  (registers the commands)
-    from embedkit.cli_app import app
+    import embedkit.cli.probe  # noqa: F401  (registers the commands)
+    from embedkit.cli._app import app
 
     store, out = str(store_dir / "s.store"), str(tmp_path / "p")
     runner = CliRunner()

@@ -13,12 +13,12 @@ import torch
 from conftest import TINY, make_photo
 from PIL import Image
 
-from embedkit import runtime
-from embedkit.backbones import load_backbone
-from embedkit.engine import LocalEngine
 from embedkit.errors import InvalidArgumentError
-from embedkit.extract import extract
-from embedkit.runtime import (
+from embedkit.extraction.local import LocalEngine
+from embedkit.extraction.run import extract
+from embedkit.models import runtime
+from embedkit.models.backbone import load_backbone
+from embedkit.models.runtime import (
     ONNX_RTOL,
     OnnxRunner,
     RuntimeMismatchError,
@@ -28,9 +28,7 @@ from embedkit.runtime import (
     onnx_cache_dir,
     probe_batch,
 )
-from embedkit.store import open_store
-
-pytest.importorskip("onnxruntime")
+from embedkit.store.read import open_store
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,14 @@ import pytest
 from conftest import CORPUS, TINY, make_photo
 from typer.testing import CliRunner
 
-from embedkit import cli_search  # noqa: F401  (registers index/search/duplicates)
 from embedkit.cli import app
+from embedkit.cli import search as cli_search  # noqa: F401  (registers index/search/duplicates)
 from embedkit.errors import IndexStateError, InvalidArgumentError, StoreError
-from embedkit.extract import extract
-from embedkit.index import Index
-from embedkit.indexing import INDEX_DIR, index_store, open_index
-from embedkit.search import search
-from embedkit.store import open_store
+from embedkit.extraction.run import extract
+from embedkit.index.lifecycle import INDEX_DIR, index_store, open_index
+from embedkit.index.ram import Index
+from embedkit.index.search import search
+from embedkit.store.read import open_store
 
 runner = CliRunner()
 
@@ -230,8 +230,6 @@ def test_cli_duplicates_formats(store: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_corpus_twins_are_each_others_nearest_neighbour(tmp_path: Path) -> None:
-    if not CORPUS.exists():
-        pytest.skip(f"corpus not found at {CORPUS}")
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in (

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedkit.errors import StoreError, StoreLockedError, StoreMismatchError
-from embedkit.store import (
+from embedkit.store.read import (
     MANIFEST,
     open_store,
     row_id,
     store_schema,
 )
-from embedkit.store_writer import StoreWriter, export_store
+from embedkit.store.writer import StoreWriter, export_store
 
 DIM = 8
 
@@ -118,7 +118,7 @@ def test_uncommitted_rows_invisible_and_orphans_removed(tmp_path):
 
 
 def test_compaction_keeps_live_view(tmp_path, monkeypatch):
-    import embedkit.store_writer as writer_mod
+    import embedkit.store.writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "MAX_PARTS", 3)
     with StoreWriter(tmp_path / "s", _meta()) as w:
@@ -159,7 +159,7 @@ def test_second_writer_refused_even_across_processes(tmp_path):
         with pytest.raises(StoreLockedError, match="being written"):
             StoreWriter(tmp_path / "s", _meta()).open()
         code = textwrap.dedent(f"""
-            from embedkit.store_writer import StoreWriter, export_store
+            from embedkit.store.writer import StoreWriter, export_store
             from embedkit.errors import StoreLockedError
             try:
                 StoreWriter({str(tmp_path / "s")!r}, {_meta()!r}).open()

@@ -1,0 +1,5 @@
+"""``python -m embedkit``: the same CLI as the ``embedkit`` script."""
+
+from .cli import app
+
+app()

@@ -1,0 +1,192 @@
+"""ImageNet classification from stored features: the backbone's own head, kept at extraction.
+
+Extraction stores the pooled features the model's classifier acts on (``forward_head(...,
+pre_logits=True)``) and saves that classifier as ``STORE/head.safetensors``; applying it
+(``features @ weight.T + bias``, then softmax) reproduces the full model's output without
+re-running the backbone. New images go through the store's own model (``backbone_for_store``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, ProbeError
+
+if TYPE_CHECKING:
+    from ..store.read import Store
+
+
+@dataclass(frozen=True)
+class TopClass:
+    """One ranked class: its index in the classifier's output, its name and probability."""
+
+    index: int
+    label: str
+    prob: float
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.prob:.2f}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image (a stored path, or a file given on the command line)."""
+
+    path: str
+    top: list[TopClass]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{path, top: [{index, label, prob}]}``, the ``--json`` shape."""
+        return {
+            "path": self.path,
+            "top": [{"index": t.index, "label": t.label, "prob": t.prob} for t in self.top],
+        }
+
+
+def resolve_store(store: Store | str | Path) -> Store:
+    """Open ``store`` when it is a path; pass a ``Store`` through."""
+    if isinstance(store, (str, Path)):
+        from ..store.read import open_store
+
+        return open_store(store)
+    return store
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (N, C)."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def head_probabilities(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Apply a linear classifier + softmax: float64 (N, C) probabilities.
+
+    float64 because float32 matmuls over D=1280..4096 drift by ~1e-6 relative from the
+    model's own (also float32) logits; in float64 our side adds no error of its own.
+    """
+    if features.shape[1] != weight.shape[1]:
+        raise ProbeError(
+            f"features have dimension {features.shape[1]} but the classifier expects "
+            f"{weight.shape[1]}; the store's vectors and head come from different models, "
+            "re-extract the store"
+        )
+    logits = features.astype(np.float64) @ weight.T.astype(np.float64) + bias.astype(np.float64)
+    return softmax(logits)
+
+
+def rank_top_k(
+    probs: np.ndarray, names: Sequence[str], paths: Sequence[str], top_k: int
+) -> list[Prediction]:
+    """Turn (N, C) probabilities into one ``Prediction`` per row, best class first."""
+    if top_k < 1:
+        raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
+    k = min(top_k, probs.shape[1])
+    # argpartition then sort the k: O(C) per row instead of a full O(C log C) sort.
+    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(probs, part, axis=1).argsort(axis=1)[:, ::-1]
+    best = np.take_along_axis(part, order, axis=1)
+    return [
+        Prediction(
+            path=str(path),
+            top=[TopClass(int(c), str(names[c]), float(probs[i, c])) for c in best[i]],
+        )
+        for i, path in enumerate(paths)
+    ]
+
+
+def open_image_files(paths: Sequence[str | Path]) -> list[Any]:
+    """Decode image files to RGB PIL images, the way extraction decodes them."""
+    from ..images.decode import ImageDecodeError, open_rgb
+
+    out = []
+    for p in paths:
+        try:
+            out.append(open_rgb(p).image)
+        except ImageDecodeError as exc:
+            raise InvalidArgumentError(f"cannot read image {p} ({exc}); pass image files") from None
+    return out
+
+
+def embed_image_files(
+    store: Store, paths: Sequence[str | Path], *, normalize: bool, device: str = "auto"
+) -> np.ndarray:
+    """Embed image files exactly like the store's extraction did (same model and weights)."""
+    from ..extraction.embed import backbone_for_store, embed
+
+    backbone = backbone_for_store(store, device=device)
+    return embed(open_image_files(paths), model=backbone, normalize=normalize)
+
+
+def _imagenet_names(n_classes: int) -> list[str]:
+    from ..models.backbone import imagenet_labels
+
+    names = list(imagenet_labels())
+    if len(names) != n_classes:  # a head over another label set (e.g. 11k classes)
+        return [f"class {i}" for i in range(n_classes)]
+    return names
+
+
+def _require_head(store: Store) -> tuple[np.ndarray, np.ndarray]:
+    fp = store.fingerprint
+    model = fp.get("model", "?")
+    # A random-init model has a classifier too (extraction may even save it), but its 1000
+    # outputs mean nothing; naming ImageNet classes from it would be silent garbage.
+    if fp.get("random_init"):
+        raise ProbeError(
+            f"store {store.path} was extracted with a randomly initialised {model}, which has "
+            "no ImageNet classifier; re-extract with pretrained weights, or train a probe on "
+            "your own labels (embedkit probe train)"
+        )
+    head = store.head()
+    if head is not None:
+        return head
+    raise ProbeError(
+        f"store {store.path} has no ImageNet classifier: its {model} weights are headless; "
+        "re-extract with weights that include the classifier, or train a probe on your own "
+        "labels (embedkit probe train)"
+    )
+
+
+def classify(
+    *,
+    store: Store | str | Path,
+    images: Sequence[str | Path] | None = None,
+    top_k: int = 5,
+    device: str = "auto",
+) -> list[Prediction]:
+    """Top-k ImageNet classes from the store's backbone head.
+
+    Args:
+        store: the store (or its path); its saved head is applied.
+        images: image files to classify through the store's model; when None, every stored
+            image is classified from its stored features (no backbone run).
+        top_k: classes per image, best first.
+        device: where the backbone runs for ``images`` (``auto``, ``cpu``, ``cuda``).
+
+    Returns:
+        One ``Prediction`` per image, in store order or in the order of ``images``.
+    """
+    if top_k < 1:
+        raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
+    store = resolve_store(store)
+    weight, bias = _require_head(store)
+    if images is None:
+        if store.fingerprint.get("normalize"):
+            raise ProbeError(
+                f"store {store.path} keeps L2-normalised vectors, but the ImageNet head needs "
+                "the raw pooled features; pass image files, or re-extract without --normalize"
+            )
+        features, paths = store.vectors, [str(p) for p in store.paths]
+    else:
+        features = embed_image_files(store, images, normalize=False, device=device)
+        paths = [str(p) for p in images]
+    probs = head_probabilities(features, weight, bias)
+    return rank_top_k(probs, _imagenet_names(probs.shape[1]), paths, top_k)

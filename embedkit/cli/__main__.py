@@ -1,0 +1,5 @@
+"""``python -m embedkit.cli``: the same CLI as the ``embedkit`` script."""
+
+from . import app
+
+app()

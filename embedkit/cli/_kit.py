@@ -1,0 +1,60 @@
+"""Shared pieces of the CLI edge: the console, the error boundary and output formats.
+
+Every command module registers its commands on the one typer app in ``cli.py``. A command
+parses its options, makes ONE library call, and renders the result; ``EmbedkitError`` is turned
+into one line on stderr and exit code 1 by ``run_command``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from ..errors import EmbedkitError
+
+# markup=False: what we print is full of user data (paths, labels, error messages) in which Rich
+# would take "[2019]" or "[red]" for markup and drop or restyle it. Styling is explicit instead
+# (``style=``, ``Text``).
+console = Console(stderr=False, highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(str, enum.Enum):
+    """How a command prints its result."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def run_command(func: F) -> F:
+    """Wrap a command body: typed user errors become one line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EmbedkitError as exc:
+            err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; committed work is kept, rerun to resume")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    """Print JSON to stdout exactly (no rich markup or wrapping), for scripts."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,254 @@
+"""Decoding in worker processes, so a crashing decoder costs one file, not the run.
+
+Workers read a file, hash it, decode it (``images.open_rgb``, JPEG draft decoding on) and
+apply the model's resize + crop (``Preprocess.to_uint8``). They return small uint8 arrays; the
+model process does the rest on whole batches. When a worker dies (a segfault in a codec, the
+OOM killer), the files that were in flight are retried one at a time in a fresh pool, and the
+one that kills it again is recorded as ``decode_crash``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..images.decode import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageDecodeError, open_rgb
+from ..models.preprocess import Preprocess
+from ..store import writer as store_writer
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a worker returns for one file."""
+
+    status: str  # "ok" | "reuse" | "failed"
+    content_hash: str | None
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3) after resize + crop
+    width: int | None = None
+    height: int | None = None
+    n_frames: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+    seconds: float = 0.0  # wall time the worker spent on an "ok" file (for the thread policy)
+
+
+# Content hashes whose vectors the store already has. Set in the parent before the pool forks,
+# so workers inherit it without pickling (copy-on-write).
+_KNOWN_HASHES: frozenset[str] = frozenset()
+
+
+def decode_file(
+    abspath: str, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
+    """Read, hash and decode one file; never raises for a bad file."""
+    t0 = time.perf_counter()
+    try:
+        # O_NONBLOCK: a file swapped for a named pipe since the scan must not block the open.
+        fd = os.open(abspath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return Decoded("failed", None, reason="not_a_file", detail="not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                return Decoded(
+                    "failed",
+                    None,
+                    reason="too_large",
+                    detail=f"{st.st_size / 2**30:.1f} GiB; no image under the pixel cap is "
+                    f"over {MAX_FILE_BYTES / 2**30:.0f} GiB",
+                )
+            data = f.read()
+    except PermissionError:
+        return Decoded("failed", None, reason="permission_denied", detail="permission denied")
+    except FileNotFoundError:
+        return Decoded("failed", None, reason="not_found", detail="file vanished during the run")
+    except IsADirectoryError:
+        return Decoded("failed", None, reason="unidentified", detail="is a directory")
+    except OSError as exc:
+        return Decoded("failed", None, reason="decode_error", detail=f"read failed: {exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in _KNOWN_HASHES:
+        return Decoded("reuse", digest)
+    try:
+        img = open_rgb(data, max_pixels=max_pixels, draft_size=preprocess.draft_size)
+        pixels = preprocess.to_uint8(img.image)
+    except ImageDecodeError as exc:
+        return Decoded("failed", digest, reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one file, not the run
+        return Decoded(
+            "failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}"
+        )
+    return Decoded(
+        "ok", digest, pixels, img.width, img.height, img.n_frames, seconds=time.perf_counter() - t0
+    )
+
+
+def _init_worker() -> None:
+    """Set up a forked decode worker.
+
+    - Ignore SIGINT, which a terminal sends to the whole process group.
+    - Die with the parent (Linux): a ``kill -9`` of the run must not leave decoders behind.
+    - Drop the inherited store-lock descriptors, so only the parent holds the store lock.
+    - Silence C-level stderr: libtiff prints pages of tag warnings for odd TIFFs. Nothing
+      that matters is lost: every per-file problem is recorded as a reason and detail.
+    """
+    # Ctrl-C is the parent's to handle (it commits and exits); workers just get cancelled.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    for fd in list(store_writer.HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    store_writer.HELD_LOCK_FDS.clear()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _crashed() -> Decoded:
+    return Decoded(
+        "failed", None, reason="decode_crash", detail="the decoder process died on this file"
+    )
+
+
+class DecodePool:
+    """Unordered parallel ``decode_file`` over many files, isolated from decoder crashes."""
+
+    def __init__(
+        self,
+        workers: int,
+        preprocess: Preprocess,
+        *,
+        known_hashes: Iterable[str] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.workers = workers
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.known_hashes = frozenset(known_hashes)
+        self._executor: ProcessPoolExecutor | None = None
+        self._resize_to: int | None = None
+        self._window = 1
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        global _KNOWN_HASHES
+        _KNOWN_HASHES = self.known_hashes
+        # fork: workers inherit _KNOWN_HASHES and the imported modules for free; they only
+        # run Pillow and numpy, never torch, so forking a process that has torch loaded is safe.
+        return ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("fork"), initializer=_init_worker
+        )
+
+    def resize(self, workers: int, window: int | None = None) -> None:
+        """Use ``workers`` processes (and ``window`` files in flight) from the next submission
+        of ``imap_unordered`` on.
+
+        Files queued but not started move to the new pool; files being decoded finish in the
+        old processes, which then exit. In-process decoding (0 workers) cannot change.
+        """
+        if workers < 1 or self.workers < 1:
+            raise ValueError("resize needs worker processes on both sides")
+        self._resize_to = workers
+        if window is not None:
+            self._window = window
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def imap_unordered(
+        self, tasks: Iterable[tuple[int, str]], window: int
+    ) -> Iterator[tuple[int, Decoded]]:
+        """Yield ``(key, Decoded)`` for ``(key, abspath)`` tasks, at most ``window`` in flight
+        (``resize`` may change both later)."""
+        self._window = window
+        if self.workers <= 0:  # in-process decoding: no isolation, for debugging
+            global _KNOWN_HASHES
+            _KNOWN_HASHES = self.known_hashes
+            for key, path in tasks:
+                yield key, decode_file(path, self.preprocess, self.max_pixels)
+            return
+        it = iter(tasks)
+        pending: dict[Future[Decoded], tuple[int, str]] = {}
+
+        def fill() -> None:
+            nonlocal it
+            if self._resize_to is not None and self._resize_to != self.workers:
+                # cancel() only succeeds for work no process has taken yet.
+                requeued = [pending.pop(f) for f in list(pending) if f.cancel()]
+                it = itertools.chain(requeued, it)
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)  # started files still finish
+                    self._executor = None
+                self.workers = self._resize_to
+            self._resize_to = None
+            if self._executor is None:
+                self._executor = self._new_executor()
+            while len(pending) < self._window:
+                task = next(it, None)
+                if task is None:
+                    return
+                fut = self._executor.submit(decode_file, task[1], self.preprocess, self.max_pixels)
+                pending[fut] = task
+
+        fill()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            suspects: list[tuple[int, str]] = []
+            for fut in done:
+                task = pending.pop(fut)
+                try:
+                    yield task[0], fut.result()
+                except BrokenProcessPool:
+                    suspects.append(task)
+            if suspects:
+                # Every other in-flight file is lost with the pool; results already finished
+                # are still readable, the rest become suspects too.
+                for fut, task in list(pending.items()):
+                    pending.pop(fut)
+                    if fut.done() and fut.exception() is None:
+                        yield task[0], fut.result()
+                    else:
+                        suspects.append(task)
+                yield from self._isolate(suspects)
+            fill()
+
+    def _isolate(self, suspects: list[tuple[int, str]]) -> Iterator[tuple[int, Decoded]]:
+        """Retry files one at a time in fresh pools; the ones that kill a pool are crashes."""
+        self.close()
+        for key, path in suspects:
+            if self._executor is None:
+                self._executor = self._new_executor()
+            try:
+                result = self._executor.submit(
+                    decode_file, path, self.preprocess, self.max_pixels
+                ).result()
+            except BrokenProcessPool:
+                self.close()
+                result = _crashed()
+            yield key, result

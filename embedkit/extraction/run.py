@@ -1,0 +1,454 @@
+"""``extract``: image files in, an incremental, crash-safe Parquet store out.
+
+One run: find files -> plan (unchanged / to decode / deleted) against the committed store ->
+decode in worker processes while the model runs batches -> commit parts every
+``commit_every`` rows. A killed run loses at most the uncommitted rows; the rerun skips what
+was committed (same size and mtime) and finishes the rest, so every file ends up exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .. import __version__
+from ..cli.progress import ExtractProgress
+from ..errors import InvalidArgumentError
+from ..images.decode import DEFAULT_MAX_PIXELS
+from ..images.sources import FoundFile, find_images
+from ..models.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from ..models.runtime import make_forward
+from ..store.read import (
+    STATUS_DELETED,
+    STATUS_FAILED,
+    STATUS_OK,
+    l2_normalize,
+    row_id,
+    storable,
+    vectors_of,
+)
+from ..store.writer import StoreWriter
+from .batching import default_batch_size, probe_cuda_batch_size
+from .local import Chunk, Engine, LocalEngine
+from .pool import Decoded
+from .threads import default_workers, plan_threads, usable_cores
+
+# Failures worth retrying on a rerun even when the file did not change: they depend on the
+# environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
+ENGINES = ("local", "ray")
+
+TRANSIENT_REASONS = frozenset({"permission_denied", "decode_crash", "not_found"})
+
+
+@dataclass
+class ExtractSummary:
+    """What one ``extract`` run did."""
+
+    store: str
+    embedded: int = 0
+    reused: int = 0  # vectors copied from a file with the same content (rename, copy, touch)
+    unchanged: int = 0
+    deleted: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    rows: int = 0  # live embedded rows in the store after the run
+    wall_s: float = 0.0  # the whole run, model loading included
+    embed_s: float = 0.0  # decoding + forward + commits only
+    # How the cores were split (local engine): decode workers, model threads, and whether the
+    # split came from this run's timings ("measured"), was the starting split of a run too short
+    # to measure ("initial"), the static policy ("policy": --workers given) or --threads.
+    workers: int | None = None
+    threads: int | None = None
+    split: str | None = None
+    batch_size: int | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "embedded": self.embedded,
+            "reused": self.reused,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "failed": dict(self.failed),
+            "rows": self.rows,
+            "wall_s": round(self.wall_s, 3),
+            "embed_s": round(self.embed_s, 3),
+            "images_per_s": round(self.images_per_s, 2),
+            "workers": self.workers,
+            "threads": self.threads,
+            "split": self.split,
+            "batch_size": self.batch_size,
+        }
+
+
+def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
+    """Everything a store records about how its vectors were made."""
+    import timm
+
+    return {
+        "embedkit_version": __version__,
+        "model": backbone.name,
+        "weights_source": backbone.weights_source,
+        "weights_sha256": backbone.weights_sha256,
+        "random_init": backbone.random_init,
+        "seed": getattr(backbone, "seed", 0),
+        "preprocess": backbone.preprocess.to_dict(),
+        "dim": backbone.dim,
+        "normalize": normalize,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+    }
+
+
+@dataclass
+class _Plan:
+    todo: list[tuple[FoundFile, os.stat_result]]
+    unchanged: int
+    deleted_ids: list[int]
+    deleted_keys: list[tuple[str, str]]
+    failed_stat: list[tuple[FoundFile, str, str]]
+
+
+def _plan(
+    found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str], committed: pa.Table
+) -> _Plan:
+    existing: dict[int, tuple[int | None, int | None, str, str | None]] = {}
+    if committed.num_rows:
+        for i, s, m, st, r in zip(
+            committed["id"].to_pylist(),
+            committed["size"].to_pylist(),
+            committed["mtime_ns"].to_pylist(),
+            committed["status"].to_pylist(),
+            committed["reason"].to_pylist(),
+            strict=True,
+        ):
+            existing[i] = (s, m, st, r)
+    todo: list[tuple[FoundFile, os.stat_result]] = []
+    failed_stat: list[tuple[FoundFile, str, str]] = []
+    unchanged = 0
+    seen: set[int] = set()
+    for f in found:
+        fid = row_id(f.root, f.path)
+        seen.add(fid)
+        try:
+            st = os.stat(f.abspath)
+        except PermissionError:
+            failed_stat.append((f, "permission_denied", "cannot stat"))
+            continue
+        except OSError as exc:
+            failed_stat.append((f, "not_found", str(exc.strerror)))
+            continue
+        old = existing.get(fid)
+        if (
+            old is not None
+            and old[0] == st.st_size
+            and old[1] == st.st_mtime_ns
+            and not (old[2] == STATUS_FAILED and old[3] in TRANSIENT_REASONS)
+        ):
+            unchanged += 1
+            continue
+        todo.append((f, st))
+    deleted_ids, deleted_keys = [], []
+    if committed.num_rows:
+        for i, root, path in zip(
+            committed["id"].to_pylist(),
+            committed["root"].to_pylist(),
+            committed["path"].to_pylist(),
+            strict=True,
+        ):
+            if i in seen or root not in walked_roots:
+                continue
+            full = os.path.join(root, path)
+            if any(full.startswith(d + os.sep) for d in skipped_dirs):
+                continue  # under a folder we could not read this time: keep it
+            deleted_ids.append(i)
+            deleted_keys.append((root, path))
+    return _Plan(todo, unchanged, deleted_ids, deleted_keys, failed_stat)
+
+
+def extract(
+    sources: Sequence[str | os.PathLike[str]],
+    store: str | os.PathLike[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    normalize: bool = False,
+    commit_every: int = 1024,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+    runtime: str = "auto",
+    threads: int | None = None,
+    engine: Engine | str | None = None,
+    address: str | None = None,
+) -> ExtractSummary:
+    """Embed every image under ``sources`` into the store at ``store``, incrementally.
+
+    Args:
+        sources: folders (recursive), image files, or .txt/.csv lists of paths.
+        store: the store directory (created if missing).
+        model: a preset or any timm model name.
+        weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
+        random_init: random weights on purpose; recorded in the store.
+        batch_size: images per forward pass (default ``batching.default_batch_size`` for the
+            device, runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX
+            Runtime, re-chosen with the thread split; on CUDA, probed: doubled from 32 while
+            it fits the free memory and gets faster).
+        workers: decode processes (0 decodes in-process). Default on CPU, when ``threads`` is
+            not given either: one per usable core to start, then re-chosen with the model
+            threads after the first batches from measured decode and model times
+            (``threads.balanced_split``); on CUDA: usable cores - 1.
+            ``ExtractSummary.workers/threads/split/batch_size`` say what ran.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
+            ImageNet head usable; search normalises on its own).
+        commit_every: rows per committed part; a kill loses at most this many rows of work.
+        max_pixels: images declaring more pixels are refused as decompression bombs.
+        progress: show a progress bar.
+        runtime: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (ONNX Runtime on CPU
+            when installed and its export matches torch, else torch). Vectors of either
+            runtime are interchangeable within one store.
+        threads: model threads (default: measured with ``workers`` as above; usable cores -
+            decode workers, at least 1, when ``workers`` is given).
+        engine: who decodes and runs the model: ``local`` (default: decode workers and the
+            model on this machine), ``ray`` (Ray Data: decode tasks and model actors on a
+            cluster; needs ``embedkit[ray]``), or an ``Engine`` object.
+        address: Ray cluster address for ``engine="ray"`` (default: start or join a local one).
+
+    Returns:
+        An ``ExtractSummary``.
+    """
+    if not sources:
+        raise InvalidArgumentError(
+            "no sources given; pass folders, image files or a .txt/.csv list"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgumentError(f"batch size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise InvalidArgumentError(f"workers must be >= 0, got {workers}")
+    if commit_every < 1:
+        raise InvalidArgumentError(f"commit_every must be >= 1, got {commit_every}")
+    if isinstance(engine, str) and engine not in ENGINES:
+        raise InvalidArgumentError(f"unknown engine {engine!r}; use one of {'|'.join(ENGINES)}")
+    if engine == "ray":
+        from .ray import require_ray
+
+        require_ray()  # before any work: a clear message when the extra is missing
+    t0 = time.perf_counter()
+    sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
+    store = os.path.expanduser(os.fspath(store))
+    found, scan_failures = find_images(sources)
+    # Compared with stored roots and paths, so in their stored form (``store.storable``).
+    walked_roots = {storable(os.path.abspath(os.fspath(s))) for s in sources if os.path.isdir(s)}
+    skipped_dirs = [
+        storable(os.path.join(f.root, f.path))
+        for f in scan_failures
+        if f.reason in ("unreadable_dir", "symlink_loop")
+    ]
+    backbone = load_backbone(model, weights=weights, random_init=random_init, device=device)
+    local = engine in (None, "local")
+    # Balanced runs start decode-heavy (a worker per core, one model thread: the split that
+    # wins when decoding is the bottleneck, and costs nothing when it is not, because idle
+    # workers wait on a full window) and re-choose after the first batches.
+    balance = local and workers is None and threads is None and backbone.device.type == "cpu"
+    if workers is not None:
+        nworkers = workers
+    else:
+        nworkers = usable_cores() if balance else default_workers()
+    summary = ExtractSummary(store=os.fspath(store))
+    if engine == "ray":
+        from .ray import RayEngine
+
+        # The driver keeps its backbone for the store metadata and head; actors load their own.
+        engine = RayEngine(
+            model,
+            weights=None if weights is None else os.fspath(weights),
+            random_init=random_init,
+            batch_size=batch_size,
+            address=address,
+            max_pixels=max_pixels,
+            preprocess=backbone.preprocess,
+            weights_sha256=backbone.weights_sha256,
+        )
+    thread_plan = plan_threads(nworkers, threads)
+    forward = make_forward(
+        backbone,
+        "torch" if engine not in (None, "local") else runtime,
+        thread_plan.intra_op,
+    )
+    if batch_size:
+        bs = batch_size
+    elif backbone.device.type == "cuda" and local:
+        bs = probe_cuda_batch_size(forward.forward, backbone.preprocess.size)
+    else:
+        bs = default_batch_size(backbone.device.type, forward.runtime, forward.threads)
+    metadata = {
+        **store_metadata(backbone, normalize),
+        **forward.metadata(),
+        "runtimes": [forward.runtime],
+    }
+
+    with StoreWriter(store, metadata) as writer:
+        if backbone.head is not None:
+            weight, bias = backbone.head
+            writer.save_head(weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
+        committed = writer.committed_rows()
+        plan = _plan(found, walked_roots, skipped_dirs, committed)
+        summary.unchanged = plan.unchanged
+        # Vectors by content hash, for renamed, copied or touched files.
+        ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
+        known_vectors = vectors_of(ok, backbone.dim)
+        known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
+
+        if plan.deleted_ids:
+            writer.add(
+                ids=plan.deleted_ids,
+                roots=[k[0] for k in plan.deleted_keys],
+                paths=[k[1] for k in plan.deleted_keys],
+                status=[STATUS_DELETED] * len(plan.deleted_ids),
+            )
+            summary.deleted = len(plan.deleted_ids)
+        failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
+        failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
+        if failures:
+            writer.add(
+                ids=[row_id(r, p) for r, p, _, _ in failures],
+                roots=[x[0] for x in failures],
+                paths=[x[1] for x in failures],
+                status=[STATUS_FAILED] * len(failures),
+                reason=[x[2] for x in failures],
+                detail=[x[3] for x in failures],
+            )
+            summary.failed.update(x[2] for x in failures)
+
+        known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
+        rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
+        tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
+        runner: Engine
+        if local:
+            runner = LocalEngine(
+                forward,
+                bs,
+                nworkers,
+                max_pixels,
+                balance_cores=thread_plan.cores if balance else None,
+                batch_for_threads=(
+                    None
+                    if batch_size
+                    else partial(default_batch_size, backbone.device.type, forward.runtime)
+                ),
+            )
+        else:
+            assert engine is not None and not isinstance(engine, str)  # "ray" became RayEngine
+            runner = engine
+        t_embed = time.perf_counter()
+        try:
+            with ExtractProgress(total=len(tasks), enabled=progress) as bar:
+                for chunk in runner.run(tasks, frozenset(known)):
+                    rows.take(chunk, [plan.todo[k] for k in chunk.keys])
+                    bar.advance(len(chunk.keys))
+        finally:
+            # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
+            writer.commit()
+            summary.embed_s = time.perf_counter() - t_embed
+            if isinstance(runner, LocalEngine):
+                summary.workers, summary.threads = runner.workers, forward.threads
+                summary.split = (
+                    "measured" if runner.balanced else "initial" if balance else thread_plan.source
+                )
+                summary.batch_size = runner.batch_size
+        summary.rows = _count_ok(writer)
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+def _count_ok(writer: StoreWriter) -> int:
+    live = writer.committed_rows()
+    live = live.filter(pc.not_equal(live["status"], STATUS_DELETED))
+    return int(pc.sum(pc.equal(live["status"], STATUS_OK)).as_py() or 0)
+
+
+class _Rows:
+    """Turns engine chunks into store rows, and commits every ``commit_every`` rows."""
+
+    def __init__(
+        self,
+        writer: StoreWriter,
+        normalize: bool,
+        commit_every: int,
+        summary: ExtractSummary,
+        known_vectors: np.ndarray,
+        known: dict[str, int],
+        known_meta: dict[str, list[Any]],
+    ) -> None:
+        self.writer, self.normalize = writer, normalize
+        self.commit_every, self.summary = commit_every, summary
+        self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
+
+    def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
+        ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
+        if ok:
+            assert chunk.vectors is not None and len(chunk.vectors) == len(ok)
+            vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
+            self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
+            self.summary.embedded += len(ok)
+        for i, r in enumerate(chunk.results):
+            if r.status == "reuse":
+                assert r.content_hash is not None
+                src = self.known[r.content_hash]
+                w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
+                self._add(
+                    [files[i]],
+                    [Decoded("ok", r.content_hash, None, w, h, nf)],
+                    STATUS_OK,
+                    self.known_vectors[src : src + 1],
+                )
+                self.summary.reused += 1
+            elif r.status == "failed":
+                self._add([files[i]], [r], STATUS_FAILED, None)
+                self.summary.failed[r.reason or "decode_error"] += 1
+        if self.writer.pending >= self.commit_every:
+            self.writer.commit()
+
+    def _add(
+        self,
+        files: list[tuple[FoundFile, os.stat_result]],
+        results: list[Decoded],
+        status: str,
+        vectors: np.ndarray | None,
+    ) -> None:
+        self.writer.add(
+            ids=[row_id(f.root, f.path) for f, _ in files],
+            roots=[f.root for f, _ in files],
+            paths=[f.path for f, _ in files],
+            content_hash=[r.content_hash for r in results],
+            size=[st.st_size for _, st in files],
+            mtime_ns=[st.st_mtime_ns for _, st in files],
+            width=[r.width for r in results],
+            height=[r.height for r in results],
+            n_frames=[r.n_frames for r in results],
+            status=[status] * len(files),
+            reason=[r.reason for r in results],
+            detail=[r.detail for r in results],
+            embedding=vectors,
+        )

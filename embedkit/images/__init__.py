@@ -1,0 +1,1 @@
+"""Image files: finding them (sources) and decoding one safely to RGB (decode)."""

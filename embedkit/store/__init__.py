@@ -1,0 +1,1 @@
+"""The Parquet store: schema, reading the live view, the one writer, summaries."""

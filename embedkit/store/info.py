@@ -1,0 +1,50 @@
+"""``info``: what a store holds and how it was made, as a plain dict."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from .read import MANIFEST, PARTS_DIR, STATUS_FAILED, open_store, read_manifest
+
+
+def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a store: row counts, failures by reason, model and provenance.
+
+    Keys: rows, failed, failed_by_reason, dim, model, weights_source, weights_sha256,
+    random_init, normalize, preprocess, runtime, runtimes, precision, version, parts, bytes,
+    created, updated, versions.
+    """
+    store = open_store(path, vectors=False)  # counts and metadata: no vectors needed
+    md = store.metadata
+    failed = store.table.filter(pc.equal(store.table["status"], STATUS_FAILED))
+    manifest = read_manifest(path) or {}
+    p = Path(path)
+    size = sum(f.stat().st_size for f in (p / PARTS_DIR).glob("*.parquet"))
+    size += (p / MANIFEST).stat().st_size
+    return {
+        "store": str(p),
+        "rows": len(store),
+        "failed": failed.num_rows,
+        "failed_by_reason": dict(Counter(failed["reason"].to_pylist())),
+        "dim": store.dim,
+        "model": md.get("model"),
+        "weights_source": md.get("weights_source"),
+        "weights_sha256": md.get("weights_sha256"),
+        "random_init": bool(md.get("random_init")),
+        "normalize": bool(md.get("normalize")),
+        "preprocess": md.get("preprocess"),
+        "runtime": md.get("runtime"),
+        "runtimes": md.get("runtimes") or [md.get("runtime")],
+        "precision": md.get("precision"),  # of the last run: fp32, or bf16/fp16 autocast on CUDA
+        "version": store.version,
+        "parts": len(manifest.get("parts", [])),
+        "bytes": size,
+        "created": md.get("created"),
+        "updated": md.get("updated"),
+        "versions": {k: md.get(k) for k in ("embedkit_version", "torch_version", "timm_version")},
+    }
