@@ -39,11 +39,48 @@ def test_groups_near_and_exact_copies_and_nothing_else() -> None:
     assert sorted(map(sorted, as_sets)) == sorted(map(sorted, expected))
     big = groups[0]
     assert len(big.members) == 3 and big.members[0].id == ids[0]  # earliest row first
-    assert big.members[0].score == 1.0
     assert all(0.95 <= m.score <= 1.0 for m in big.members)
     exact = next(g for g in groups if g.members[0].id == ids[20])
-    assert exact.members[1].exact and exact.members[1].score == pytest.approx(1.0)
-    assert not big.members[1].exact
+    assert all(m.exact and m.score == pytest.approx(1.0) for m in exact.members)
+    assert exact.identical_pairs == 1 and exact.identical_copies == 1
+    assert exact.members[0].identical_to == (int(ids[21]),)
+    assert not any(m.exact for m in big.members) and big.identical_pairs == 0
+
+
+def test_identity_is_judged_per_member_not_against_the_first() -> None:
+    # A group whose first member is unique and whose later members are two byte-identical
+    # pairs: every copy is exact, the first is not, and 2 pairs / 2 removable copies count.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    for dst, noise in ((1, 0.02), (2, 0.0), (3, 0.03), (4, 0.0)):
+        x[dst] = x[0] + noise * rng.standard_normal(32).astype(np.float32)
+    hashes = [f"h{i}" for i in range(40)]
+    hashes[2] = hashes[1]
+    hashes[4] = hashes[3]
+    groups = group_duplicates(x, np.arange(40), hashes, threshold=0.95)
+    (g,) = groups
+    by_id = {m.id: m for m in g.members}
+    assert not by_id[0].exact and by_id[0].identical_to == ()
+    assert by_id[1].exact and by_id[1].identical_to == (2,) and by_id[2].identical_to == (1,)
+    assert by_id[3].exact and by_id[4].exact
+    assert g.identical_pairs == 2 and g.identical_copies == 2
+
+
+def test_scores_are_each_members_best_similarity_in_the_group() -> None:
+    # A chain a - b - c: c joined through b, and its score is its similarity to b (>= the
+    # threshold), not its lower similarity to the first member a.
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((50, 32)).astype(np.float32)
+    step = rng.standard_normal(32).astype(np.float32)
+    step *= 0.25 * np.linalg.norm(base[0]) / np.linalg.norm(step)
+    x = np.concatenate([base, base[:1] + step, base[:1] + 2 * step])
+    (g,) = group_duplicates(x, np.arange(len(x)), threshold=0.95, k=1)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert float(unit[51] @ unit[0]) < 0.95  # the old score, measured against the leader
+    by_id = {m.id: m for m in g.members}
+    assert all(m.score >= 0.95 for m in g.members)
+    assert by_id[51].closest == 50
+    assert by_id[51].score == pytest.approx(float(unit[51] @ unit[50]), abs=1e-5)
 
 
 def test_exact_duplicates_group_even_when_vectors_differ() -> None:

@@ -193,23 +193,26 @@ def duplicates_cmd(
     groups = find_duplicates(store, threshold, k=k, log=_log)
     _print_duplicates(groups, fmt)
     images = sum(len(g.members) for g in groups)
-    exact = sum(m.exact for g in groups for m in g.members[1:])
+    identical = sum(g.identical_copies for g in groups)
     summary = (
         f"{len(groups)} groups, {images} images in groups "
-        f"({images - len(groups)} redundant copies, {exact} byte-identical)"
+        f"({images - len(groups)} redundant copies, {identical} of them byte-identical)"
     )
     (console if fmt is OutputFormat.table else err_console).print(summary)
 
 
 def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.json:
-        print_json([[m.__dict__ for m in g.members] for g in groups])
+        print_json([[m.to_dict() for m in g.members] for g in groups])
     elif fmt is OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["group", "rank", "score", "exact", "id", "path"])
+        header = ["group", "rank", "score", "closest", "exact", "identical_to", "id", "path"]
+        writer.writerow(header)
         for n, g in enumerate(groups, 1):
             for rank, m in enumerate(g.members, 1):
-                writer.writerow([n, rank, f"{m.score:.6f}", int(m.exact), m.id, m.path])
+                twins = " ".join(map(str, m.identical_to))
+                row = [n, rank, f"{m.score:.6f}", m.closest, int(m.exact), twins, m.id, m.path]
+                writer.writerow(row)
     else:
         table = Table()
         table.add_column("group", justify="right")
@@ -221,7 +224,7 @@ def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
                 table.add_row(
                     str(n) if rank == 0 else "",
                     f"{m.score:.4f}",
-                    "same file" if m.exact and rank else "",
+                    "identical" if m.exact else "",
                     str(m.path),
                     end_section=rank == len(g.members) - 1,
                 )

@@ -35,25 +35,54 @@ class DuplicateMember:
     Attributes:
         id: store id.
         path: absolute path, or None for bare arrays.
-        score: cosine similarity to the group's first member (1.0 for the first).
-        exact: same content hash as the first member.
+        score: this member's best cosine similarity to any other member of the group (its
+            closest copy, not an arbitrary leader): at least the threshold for a member that
+            joined by similarity, 1.0 for a byte-identical copy.
+        exact: another member of the group has the same content hash (a byte-identical copy).
+        identical_to: ids of the other members with the same content hash, ascending.
+        closest: id of the member that ``score`` is measured against.
     """
 
     id: int
     path: str | None
     score: float
     exact: bool
+    identical_to: tuple[int, ...] = ()
+    closest: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["identical_to"] = list(self.identical_to)
+        return d
 
 
 @dataclass(frozen=True)
 class DuplicateGroup:
     """Images that are copies of each other; the first member is the representative (the
-    earliest stored) and the rest follow by decreasing similarity to it."""
+    earliest stored) and the rest follow by decreasing best similarity."""
 
     members: tuple[DuplicateMember, ...]
 
+    @property
+    def identical_pairs(self) -> int:
+        """Pairs of members with the same content hash (a sub-group of m copies is m(m-1)/2)."""
+        return sum(len(m.identical_to) for m in self.members) // 2
+
+    @property
+    def identical_copies(self) -> int:
+        """Members that could go because a byte-identical copy stays: per sub-group of m
+        identical files, m - 1."""
+        seen: set[int] = set()
+        copies = 0
+        for m in self.members:
+            if m.identical_to and m.id not in seen:
+                seen.update(m.identical_to)
+                seen.add(m.id)
+                copies += len(m.identical_to)
+        return copies
+
     def to_dict(self) -> dict[str, Any]:
-        return {"members": [m.__dict__ for m in self.members]}
+        return {"members": [m.to_dict() for m in self.members]}
 
 
 class _RowView:
@@ -156,7 +185,7 @@ def group_duplicates(
         v = np.asarray(x[rows], dtype=np.float32)
         unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         groups.append(_group(rows, unit, id_arr, hashes, paths))
-    groups.sort(key=lambda g: (-len(g.members), -g.members[-1].score))
+    groups.sort(key=lambda g: (-len(g.members), -min(m.score for m in g.members)))
     return groups
 
 
@@ -167,22 +196,43 @@ def _group(
     hashes: Any,
     paths: list[str] | None,
 ) -> DuplicateGroup:
-    """``rows`` ascending, so the first (the union-find root) is the earliest stored."""
-    rep = int(rows[0])
-    sims = unit @ unit[0]
-    sims[0] = 1.0
-    pairs = zip(rows.tolist(), sims.tolist(), strict=True)
-    ranked = sorted(pairs, key=lambda t: (t[0] != rep, -t[1]))
-    members = tuple(
-        DuplicateMember(
-            id=int(ids[r]),
-            path=paths[r] if paths is not None else None,
-            score=round(min(float(s), 1.0), 6),
-            exact=hashes is not None and bool(hashes[r]) and hashes[r] == hashes[rep],
+    """``rows`` ascending, so the first (the union-find root) is the earliest stored.
+
+    Identity is judged per member against every other member (by content hash), and each score
+    is the member's best similarity within the group: judged against the first member only, two
+    identical copies further down a group were reported as not identical and members joined
+    through a chain showed scores below the threshold.
+    """
+    sims = unit @ unit.T  # groups are small (k-NN edges); (m, m) is fine
+    np.fill_diagonal(sims, -np.inf)
+    row_hash = [hashes[r] if hashes is not None and hashes[r] else None for r in rows.tolist()]
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(row_hash):
+        if h is not None:
+            by_hash.setdefault(h, []).append(i)
+    best = sims.argmax(axis=1)
+    built = []
+    for i, r in enumerate(rows.tolist()):
+        twins = [j for j in by_hash.get(row_hash[i], []) if j != i] if row_hash[i] else []
+        # A byte-identical copy is similarity 1 by definition (its vector may differ by a
+        # float rounding when it was embedded in another batch).
+        j = twins[0] if twins else int(best[i])
+        score = 1.0 if twins else min(float(sims[i, j]), 1.0)
+        built.append(
+            (
+                i,
+                DuplicateMember(
+                    id=int(ids[r]),
+                    path=paths[r] if paths is not None else None,
+                    score=round(score, 6),
+                    exact=bool(twins),
+                    identical_to=tuple(sorted(int(ids[rows[t]]) for t in twins)),
+                    closest=int(ids[rows[j]]),
+                ),
+            )
         )
-        for r, s in ranked
-    )
-    return DuplicateGroup(members)
+    ranked = sorted(built, key=lambda t: (t[0] != 0, -t[1].score))
+    return DuplicateGroup(tuple(m for _, m in ranked))
 
 
 def find_duplicates(
