@@ -50,3 +50,20 @@ def test_help_texts_survive_rich_markup():
         texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
         for text in texts:
             assert not unescaped.search(text), f"{path}: escape the [ in {text!r}"
+
+
+def test_flags_read_as_flags_in_help():
+    """typer prints ``--json <bool>`` for flags, as if they took a value; ours show none."""
+    runner = CliRunner()
+    root = typer.main.get_command(app)
+    for path in [(), *(p for p, _ in _commands(root))]:
+        r = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert r.exit_code == 0, (path, r.output)
+        assert "<bool>" not in r.output, f"embedkit {' '.join(path)} --help shows <bool>"
+
+
+def test_version_flag():
+    import embedkit
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"embedkit {embedkit.__version__}"

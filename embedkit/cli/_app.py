@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import typer
+import typer.core
+
+
+def _flag_type_hidden(display_type_rich):  # type: ignore[no-untyped-def]
+    """typer >= 0.2x prints ``<bool>`` after every flag (``--json <bool>``), which reads as if
+    the flag took a value; a flag takes none, so its type column stays empty."""
+
+    def display(self, ctx):  # type: ignore[no-untyped-def]
+        if getattr(self, "is_flag", False) and not getattr(self, "metavar", None):
+            return None
+        return display_type_rich(self, ctx)
+
+    return display
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    typer.core.TyperOption.display_type_rich = _flag_type_hidden(  # type: ignore[method-assign]
+        typer.core.TyperOption.display_type_rich
+    )
 
 app = typer.Typer(
     name="embedkit",
@@ -16,3 +35,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"embedkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the embedkit version and exit.",
+        callback=_print_version,
+        is_eager=True,
+    ),
+) -> None:
+    """Turn image collections into searchable, classifiable vectors."""

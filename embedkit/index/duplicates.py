@@ -213,7 +213,8 @@ def _group(
     best = sims.argmax(axis=1)
     built = []
     for i, r in enumerate(rows.tolist()):
-        twins = [j for j in by_hash.get(row_hash[i], []) if j != i] if row_hash[i] else []
+        h = row_hash[i]
+        twins = [j for j in by_hash[h] if j != i] if h is not None else []
         # A byte-identical copy is similarity 1 by definition (its vector may differ by a
         # float rounding when it was embedded in another batch).
         j = twins[0] if twins else int(best[i])
