@@ -19,6 +19,9 @@ _EXPORTS = {
     "DuplicateMember": "index.duplicates",
     "DuplicateGroup": "index.duplicates",
     "group_duplicates": "index.duplicates",
+    "move_duplicates": "index.duplicates",
+    "undo_moves": "images.move",
+    "KEEP_RULES": "index.keep",
     "Hit": "index.search",
     "QueryResult": "index.search",
     "IndexReport": "index.lifecycle",
@@ -82,9 +85,17 @@ if TYPE_CHECKING:
     from .extraction.embed import backbone_for_store, embed
     from .extraction.run import ExtractSummary, extract
     from .images.decode import FAILURE_REASONS, open_rgb
+    from .images.move import undo_moves
     from .images.sources import find_images
     from .index.choice import choose_index_key
-    from .index.duplicates import DuplicateGroup, DuplicateMember, find_duplicates, group_duplicates
+    from .index.duplicates import (
+        DuplicateGroup,
+        DuplicateMember,
+        find_duplicates,
+        group_duplicates,
+        move_duplicates,
+    )
+    from .index.keep import KEEP_RULES
     from .index.lifecycle import IndexReport, index_store, open_index
     from .index.ram import Index
     from .index.search import Hit, QueryResult, search
@@ -121,6 +132,9 @@ __all__ = [
     "DuplicateMember",
     "DuplicateGroup",
     "group_duplicates",
+    "move_duplicates",
+    "undo_moves",
+    "KEEP_RULES",
     "Hit",
     "QueryResult",
     "IndexReport",

@@ -13,8 +13,16 @@ import typer
 from rich.table import Table
 
 from ..errors import InvalidArgumentError
+from ..images.move import MoveReport, undo_moves
 from ..index.choice import DEFAULT_MAX_MEMORY
-from ..index.duplicates import DEFAULT_K, DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
+from ..index.duplicates import (
+    DEFAULT_K,
+    DEFAULT_THRESHOLD,
+    DuplicateGroup,
+    find_duplicates,
+    move_duplicates,
+)
+from ..index.keep import KEEP_RULE_HELP
 from ..index.lifecycle import index_store
 from ..index.search import QueryResult, search
 from ._app import app
@@ -174,6 +182,14 @@ def _print_search(results: list[QueryResult], fmt: OutputFormat) -> None:
                 console.print("no results")
 
 
+class KeepChoice(str, enum.Enum):
+    best = "best"
+    resolution = "resolution"
+    size = "size"
+    oldest = "oldest"
+    newest = "newest"
+
+
 @app.command("duplicates")
 @run_command
 def duplicates_cmd(
@@ -185,20 +201,111 @@ def duplicates_cmd(
     k: Annotated[
         int, typer.Option("-k", min=1, help="Neighbours looked up per image.")
     ] = DEFAULT_K,
+    keep: Annotated[
+        KeepChoice,
+        typer.Option(
+            help="Which member of each group to keep: "
+            + "; ".join(f"{r}: {h}" for r, h in KEEP_RULE_HELP.items())
+            + ". Ties go to the earliest stored."
+        ),
+    ] = KeepChoice.best,
+    to_remove: Annotated[
+        bool,
+        typer.Option(
+            "--to-remove",
+            help="Print only the files that are not their group's keeper, one path per line "
+            "(or --json / --csv), for review or `xargs`. Nothing is deleted.",
+        ),
+    ] = False,
+    move_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Move the non-keepers into this folder (relative paths kept, nothing "
+            "overwritten, files changed since extraction skipped) and write an undo list "
+            "there; `embedkit undo-move LIST` puts them back. Never deletes.",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     csv_: CsvOpt = False,
 ) -> None:
-    """Group exact (same content) and near duplicates (resized, re-compressed, rotated...)."""
+    """Group exact (same content) and near duplicates (resized, re-compressed, rotated...),
+    suggest a keeper per group, and list or move aside the other copies."""
     fmt = _format(json_, csv_)
-    groups = find_duplicates(store, threshold, k=k, log=_log)
-    _print_duplicates(groups, fmt)
+    groups = find_duplicates(store, threshold, k=k, keep=keep.value, log=_log)
+    if move_to is not None:
+        report = move_duplicates(groups, store, move_to)
+        _print_moves(report, fmt, "moved")
+        return
+    if to_remove:
+        _print_to_remove(groups, fmt)
+    else:
+        _print_duplicates(groups, fmt)
     images = sum(len(g.members) for g in groups)
     identical = sum(g.identical_copies for g in groups)
     summary = (
         f"{len(groups)} groups, {images} images in groups "
         f"({images - len(groups)} redundant copies, {identical} of them byte-identical)"
     )
-    (console if fmt is OutputFormat.table else err_console).print(summary)
+    (console if fmt is OutputFormat.table and not to_remove else err_console).print(summary)
+
+
+@app.command("undo-move")
+@run_command
+def undo_move_cmd(
+    undo_list: Annotated[
+        Path, typer.Argument(help="The embedkit-undo-*.csv written by `duplicates --move-to`.")
+    ],
+    json_: JsonOpt = False,
+) -> None:
+    """Put files moved by `embedkit duplicates --move-to` back where they were (never
+    overwrites a file that is there again)."""
+    report = undo_moves(undo_list)
+    _print_moves(report, OutputFormat.json if json_ else OutputFormat.table, "restored")
+
+
+def _print_moves(report: MoveReport, fmt: OutputFormat, verb: str) -> None:
+    if fmt is OutputFormat.json:
+        print_json(report.to_dict())
+        return
+    if fmt is OutputFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["from", "to"])
+        writer.writerows(report.moved)
+    for path, reason in report.skipped:
+        err_console.print(f"skipped {path}: {reason}", soft_wrap=True)
+    line = f"{verb} {len(report.moved)} files, skipped {len(report.skipped)}"
+    if report.undo_file:
+        line += f"; undo with: embedkit undo-move {report.undo_file}"
+    (console if fmt is OutputFormat.table else err_console).print(line, soft_wrap=True)
+
+
+def _print_to_remove(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
+    rows = [(n, m, g.keeper) for n, g in enumerate(groups, 1) for m in g.to_remove]
+    if fmt is OutputFormat.json:
+        print_json(
+            [
+                {
+                    "group": n,
+                    "id": m.id,
+                    "path": m.path,
+                    "keeper_id": kp.id,
+                    "keeper": kp.path,
+                    "score": m.score,
+                    "exact": m.exact,
+                }
+                for n, m, kp in rows
+            ]
+        )
+    elif fmt is OutputFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["group", "id", "path", "keeper_id", "keeper", "score", "exact"])
+        for n, m, kp in rows:
+            writer.writerow([n, m.id, m.path, kp.id, kp.path, f"{m.score:.6f}", int(m.exact)])
+    else:
+        # Plain paths, one per line, nothing else on stdout: safe to pipe.
+        for _, m, _ in rows:
+            sys.stdout.write(f"{m.path}\n")
+        sys.stdout.flush()
 
 
 def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
@@ -206,13 +313,13 @@ def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
         print_json([[m.to_dict() for m in g.members] for g in groups])
     elif fmt is OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        header = ["group", "rank", "score", "closest", "exact", "identical_to", "id", "path"]
-        writer.writerow(header)
+        header = ["group", "rank", "keep", "score", "closest", "exact", "identical_to", "id"]
+        writer.writerow([*header, "path"])
         for n, g in enumerate(groups, 1):
             for rank, m in enumerate(g.members, 1):
                 twins = " ".join(map(str, m.identical_to))
-                row = [n, rank, f"{m.score:.6f}", m.closest, int(m.exact), twins, m.id, m.path]
-                writer.writerow(row)
+                row = [n, rank, int(m.keep), f"{m.score:.6f}", m.closest, int(m.exact), twins]
+                writer.writerow([*row, m.id, m.path])
     else:
         table = Table()
         table.add_column("group", justify="right")
@@ -224,7 +331,7 @@ def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
                 table.add_row(
                     str(n) if rank == 0 else "",
                     f"{m.score:.4f}",
-                    "identical" if m.exact else "",
+                    ("keep " if m.keep else "") + ("identical" if m.exact else ""),
                     str(m.path),
                     end_section=rank == len(g.members) - 1,
                 )

@@ -7,14 +7,19 @@ groups. Memory is O(N * k) at most for the edges and O(N) for the union-find, ne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import IndexStateError, InvalidArgumentError
-from ..store.read import Store, open_store
+from ..images.move import MoveReport, PlannedMove, move_files
+from ..store.read import STATUS_OK, Store, open_store
+from .keep import DEFAULT_KEEP, check_keep_rule, choose_keeper
 from .lifecycle import Log, open_index
 from .ondisk import OnDiskIndex
 from .ram import Index
@@ -41,6 +46,9 @@ class DuplicateMember:
         exact: another member of the group has the same content hash (a byte-identical copy).
         identical_to: ids of the other members with the same content hash, ascending.
         closest: id of the member that ``score`` is measured against.
+        width, height, size, mtime_ns: as recorded in the store (None for bare arrays).
+        keep: the suggested keeper of its group (see ``index.keep``); the others are the
+            copies ``--to-remove`` lists.
     """
 
     id: int
@@ -49,6 +57,11 @@ class DuplicateMember:
     exact: bool
     identical_to: tuple[int, ...] = ()
     closest: int | None = None
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    keep: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -62,6 +75,17 @@ class DuplicateGroup:
     earliest stored) and the rest follow by decreasing best similarity."""
 
     members: tuple[DuplicateMember, ...]
+
+    @property
+    def keeper(self) -> DuplicateMember:
+        """The member to keep: the one marked ``keep``, else the first."""
+        return next((m for m in self.members if m.keep), self.members[0])
+
+    @property
+    def to_remove(self) -> tuple[DuplicateMember, ...]:
+        """Every member but the keeper."""
+        keeper = self.keeper
+        return tuple(m for m in self.members if m is not keeper)
 
     @property
     def identical_pairs(self) -> int:
@@ -82,7 +106,25 @@ class DuplicateGroup:
         return copies
 
     def to_dict(self) -> dict[str, Any]:
-        return {"members": [m.to_dict() for m in self.members]}
+        return {"keeper": self.keeper.id, "members": [m.to_dict() for m in self.members]}
+
+    def with_keeper(
+        self, rule: str, meta: dict[int, tuple[Any, ...]] | None = None
+    ) -> DuplicateGroup:
+        """This group with recorded file facts filled in (``meta``: id -> (width, height, size,
+        mtime_ns)) and the keeper chosen by ``rule``."""
+        members = [
+            dataclasses.replace(m, **dict(zip(_META, meta[m.id], strict=True)))
+            if meta is not None and m.id in meta
+            else m
+            for m in self.members
+        ]
+        pick = choose_keeper(members, rule)
+        members = [dataclasses.replace(m, keep=i == pick) for i, m in enumerate(members)]
+        return DuplicateGroup(tuple(members))
+
+
+_META = ("width", "height", "size", "mtime_ns")
 
 
 class _RowView:
@@ -241,6 +283,7 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     k: int = DEFAULT_K,
+    keep: str = DEFAULT_KEEP,
     log: Log | None = None,
 ) -> list[DuplicateGroup]:
     """Exact and near-duplicate groups in a store, using (and updating) its search index.
@@ -249,11 +292,30 @@ def find_duplicates(
         store: a store directory or an open ``Store``.
         threshold: cosine similarity at or above which two images are near duplicates.
         k: neighbours looked up per image.
+        keep: how each group's keeper is suggested (``index.keep.KEEP_RULES``; default
+            ``best``: largest resolution, then largest file, then oldest).
         log: receives index maintenance messages.
     """
+    check_keep_rule(keep)
     st = store if isinstance(store, Store) else open_store(store, vectors=False)
     if len(st.ids) == 0:
         return []
+    groups = _find(st, threshold, k, log)
+    meta = _file_facts(st, {m.id for g in groups for m in g.members})
+    return [g.with_keeper(keep, meta) for g in groups]
+
+
+def _file_facts(st: Store, ids: set[int]) -> dict[int, tuple[Any, ...]]:
+    """id -> (width, height, size, mtime_ns) as recorded, for the ids in groups."""
+    if not ids:
+        return {}
+    t = st.table.filter(pc.equal(st.table["status"], STATUS_OK))
+    t = t.filter(pc.is_in(t["id"], pa.array(sorted(ids), pa.int64())))
+    cols = [t[c].to_pylist() for c in ("id", *_META)]
+    return {row[0]: tuple(row[1:]) for row in zip(*cols, strict=True)}
+
+
+def _find(st: Store, threshold: float, k: int, log: Log | None) -> list[DuplicateGroup]:
     index = open_index(st, log=log)
     if isinstance(index, OnDiskIndex):
         # Past RAM: the queries are the index's own memory-mapped vectors, read block by block;
@@ -277,3 +339,26 @@ def find_duplicates(
     return group_duplicates(
         st.vectors, st.ids, st.hashes, threshold, k=k, index=index, paths=st.abspaths
     )
+
+
+def move_duplicates(
+    groups: list[DuplicateGroup],
+    store: str | os.PathLike[str] | Store,
+    dest: str | os.PathLike[str],
+) -> MoveReport:
+    """Move every group's non-keepers into ``dest`` (never delete), keeping their paths
+    relative to the store root (under the root's folder name when the store has several
+    roots), and write an undo list there. Files changed since extraction are skipped."""
+    st = store if isinstance(store, Store) else open_store(store, vectors=False)
+    members = [m for g in groups for m in g.to_remove]
+    rows = st.rows_of_ids([m.id for m in members]) if members else np.zeros(0, np.int64)
+    several_roots = len(set(st.roots)) > 1
+    plan = []
+    for m, row in zip(members, rows.tolist(), strict=True):
+        if row < 0:
+            continue  # not live any more
+        root, rel = st.roots[row], st.paths[row]
+        if several_roots:
+            rel = os.path.join(os.path.basename(root.rstrip(os.sep)) or "root", rel)
+        plan.append(PlannedMove(st.abspath(row), rel, m.size, m.mtime_ns))
+    return move_files(plan, dest)
