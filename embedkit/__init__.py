@@ -62,6 +62,7 @@ _EXPORTS = {
     "open_store": "store.read",
     "search": "index.search",
     "store_info": "store.info",
+    "store_failures": "store.info",
     "train_probe": "classification.train",
     "train_store_probe": "classification.train",
 }
@@ -108,7 +109,7 @@ if TYPE_CHECKING:
         load_backbone,
     )
     from .models.runtime import RuntimeMismatchError, make_forward
-    from .store.info import store_info
+    from .store.info import store_failures, store_info
     from .store.read import Store, open_store
     from .store.writer import export_store
 
@@ -176,6 +177,7 @@ __all__ = [
     "open_store",
     "search",
     "store_info",
+    "store_failures",
     "train_probe",
     "train_store_probe",
 ]

@@ -133,3 +133,28 @@ def test_paths_with_brackets_print_as_they_are(tmp_path):
         assert name in flat, r.stdout
     r = runner.invoke(app, ["search", st, str(src / "[nope].jpg")])
     assert r.exit_code == 1 and "[nope].jpg" in r.output
+
+
+def test_info_failed_lists_files_with_reason_and_detail(photo_dir, tmp_path):
+    (photo_dir / "bad.jpg").write_bytes(b"this is text, not a JPEG")
+    (photo_dir / "empty.png").write_bytes(b"")
+    st = str(tmp_path / "s")
+    _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init"])
+    rows = json.loads(_ok(["info", st, "--failed", "--json"]).stdout)
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert set(by_name) == {"bad.jpg", "empty.png"}
+    assert by_name["bad.jpg"]["reason"] == "unidentified" and by_name["bad.jpg"]["detail"]
+    assert by_name["empty.png"]["reason"] == "empty_file"
+    assert all(r["path"].startswith(str(photo_dir)) for r in rows)
+    out = _ok(["info", st, "--failed"]).stdout
+    assert "bad.jpg" in out and "unidentified" in out and "2 failed files" in out
+
+
+def test_export_to_a_folder_or_missing_folder_is_one_line(photo_dir, tmp_path):
+    st = str(tmp_path / "s")
+    _ok(["extract", str(photo_dir), "--store", st, "--model", TINY, "--random-init"])
+    r = runner.invoke(app, ["export", st, str(tmp_path)])
+    assert r.exit_code == 1 and "is a folder" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["export", st, str(tmp_path / "nope" / "x.parquet")])
+    assert r.exit_code == 1 and "does not exist" in r.output
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..defaults import DEFAULT_MODEL
-from ..store.info import store_info
+from ..store.info import store_failures, store_info
 from ..store.writer import export_store
 from ._app import app
 from ._kit import console, print_json, run_command
@@ -212,8 +212,29 @@ def info_cmd(
             help="Print JSON (keys: rows, failed, dim, model, weights_sha256, random_init, ...).",
         ),
     ] = False,
+    failed: Annotated[
+        bool,
+        typer.Option(
+            "--failed",
+            help="List the files that failed, with reason and detail (with --json: a list of "
+            "{id, path, root, reason, detail, size}).",
+        ),
+    ] = False,
 ) -> None:
     """Show what a store holds and how it was made (model, weights, preprocessing, failures)."""
+    if failed:
+        rows = store_failures(store)
+        if json_out:
+            print_json(rows)
+            return
+        t = Table("reason", "path", "detail")
+        t.columns[1].overflow = "fold"
+        for r in rows:
+            t.add_row(r["reason"], r["path"], r["detail"] or "")
+        if rows:
+            console.print(t)
+        console.print(f"{len(rows)} failed files")
+        return
     info = store_info(store)
     if json_out:
         print_json(info)

@@ -228,8 +228,11 @@ def duplicates_cmd(
     json_: JsonOpt = False,
     csv_: CsvOpt = False,
 ) -> None:
-    """Group exact (same content) and near duplicates (resized, re-compressed, rotated...),
-    suggest a keeper per group, and list or move aside the other copies."""
+    """Group exact and near duplicates, suggest a keeper per group, list or move aside the rest.
+
+    Exact: same content hash. Near: resized, re-compressed, rotated, cropped copies whose
+    vectors are at least --threshold similar. Nothing is ever deleted.
+    """
     fmt = _format(json_, csv_)
     groups = find_duplicates(store, threshold, k=k, keep=keep.value, log=_log)
     if move_to is not None:
@@ -257,8 +260,10 @@ def undo_move_cmd(
     ],
     json_: JsonOpt = False,
 ) -> None:
-    """Put files moved by `embedkit duplicates --move-to` back where they were (never
-    overwrites a file that is there again)."""
+    """Put files moved by `embedkit duplicates --move-to` back where they were.
+
+    A file that is there again is never overwritten (it is reported as skipped).
+    """
     report = undo_moves(undo_list)
     _print_moves(report, OutputFormat.json if json_ else OutputFormat.table, "restored")
 

@@ -111,11 +111,15 @@ def undo_moves(undo_file: str | os.PathLike[str]) -> MoveReport:
     path = Path(undo_file)
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except OSError as exc:
         raise InvalidArgumentError(f"cannot read undo list {path}: {exc.strerror}") from None
-    if rows and set(UNDO_COLUMNS) - set(rows[0]):
-        raise InvalidArgumentError(f"{path} is not an embedkit undo list (columns {UNDO_COLUMNS})")
+    if set(UNDO_COLUMNS) - columns:
+        raise InvalidArgumentError(
+            f"{path} is not an embedkit undo list (it needs the columns {', '.join(UNDO_COLUMNS)})"
+        )
     report = MoveReport()
     for row in reversed(rows):
         original, moved = row["original"], row["moved_to"]

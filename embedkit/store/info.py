@@ -48,3 +48,22 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "updated": md.get("updated"),
         "versions": {k: md.get(k) for k in ("embedkit_version", "torch_version", "timm_version")},
     }
+
+
+def store_failures(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The store's failed files: ``{id, path (absolute), root, reason, detail, size}`` each,
+    in commit order. What ``embedkit info --failed`` prints."""
+    store = open_store(path, vectors=False)
+    failed = store.table.filter(pc.equal(store.table["status"], STATUS_FAILED))
+    cols = {c: failed[c].to_pylist() for c in ("id", "root", "path", "reason", "detail", "size")}
+    return [
+        {
+            "id": cols["id"][i],
+            "path": os.path.join(cols["root"][i], cols["path"][i]),
+            "root": cols["root"][i],
+            "reason": cols["reason"][i],
+            "detail": cols["detail"][i],
+            "size": cols["size"][i],
+        }
+        for i in range(failed.num_rows)
+    ]

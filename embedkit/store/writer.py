@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import StoreError, StoreLockedError, StoreMismatchError
+from ..errors import InvalidArgumentError, StoreError, StoreLockedError, StoreMismatchError
 from .read import (
     FINGERPRINT_KEYS,
     FORMAT_NAME,
@@ -95,14 +95,24 @@ def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> i
 
     The file has the store schema and metadata, so pandas, duckdb or polars read it directly.
     """
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise InvalidArgumentError(
+            f"{out} is a folder; name the file to write, e.g. {out / 'store.parquet'}"
+        )
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(
+            f"folder {out.parent} does not exist; create it first or write elsewhere"
+        )
     store = open_store(path)
     table = store.table.cast(store_schema(store.dim, store.metadata))
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, tmp)
         _fsync_file(tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # permission, full disk, read-only folder: nothing half-written stays
+        raise StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return table.num_rows
