@@ -63,6 +63,8 @@ _EXPORTS = {
     "search": "index.search",
     "store_info": "store.info",
     "store_failures": "store.info",
+    "prune_store": "store.maintain",
+    "reroot_store": "store.maintain",
     "train_probe": "classification.train",
     "train_store_probe": "classification.train",
 }
@@ -110,6 +112,7 @@ if TYPE_CHECKING:
     )
     from .models.runtime import RuntimeMismatchError, make_forward
     from .store.info import store_failures, store_info
+    from .store.maintain import prune_store, reroot_store
     from .store.read import Store, open_store
     from .store.writer import export_store
 
@@ -178,6 +181,8 @@ __all__ = [
     "search",
     "store_info",
     "store_failures",
+    "prune_store",
+    "reroot_store",
     "train_probe",
     "train_store_probe",
 ]
