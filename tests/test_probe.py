@@ -207,6 +207,11 @@ def test_cli_train_eval_predict_knn(store_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["probe", "train", "--store", store, "--out", out, "--device", "cpu"])
     assert r.exit_code == 1 and "--missing drop" in r.output
+    # The random tiny model scores distinct synthetic photos > 0.9 alike, so at the default
+    # group threshold whole classes form one near-duplicate group: the split says so, and
+    # --group-threshold 1 keeps only byte-identical files together.
+    r = runner.invoke(app, ["probe", "train", "--store", store, "--out", out, "--missing", "drop"])
+    assert r.exit_code == 1 and "distinct image" in r.output, r.output
     r = runner.invoke(
         app,
         [
@@ -218,6 +223,8 @@ def test_cli_train_eval_predict_knn(store_dir: Path, tmp_path: Path) -> None:
             out,
             "--missing",
             "drop",
+            "--group-threshold",
+            "1",
             "--max-epochs",
             "5",
             "--device",
@@ -240,3 +247,29 @@ def test_cli_train_eval_predict_knn(store_dir: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["probe", "knn", "--store", store, "--probe", out, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["probe"] is not None
+
+
+def test_near_duplicates_share_a_split_group_and_chains_do_not() -> None:
+    from embedkit.classification.labels import near_duplicate_groups
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    x[1] = x[0] + 0.02 * rng.standard_normal(32)  # an edited copy of image 0
+    x[2] = x[0] + 0.03 * rng.standard_normal(32)
+    hashes = np.array([f"h{i}" for i in range(200)])
+    hashes[51] = hashes[50]  # a byte-identical file, with another vector (another run)
+    g = near_duplicate_groups(x, hashes)
+    assert g[0] == g[1] == g[2] and len({g[0], g[3], g[4]}) == 3
+    assert g[50] == g[51]
+    assert len(set(g.tolist())) == 200 - 2 - 1
+    # Each group lands on one side of the split.
+    s = split_rows(np.array(["a", "b"] * 100), g, seed=1)
+    sides = [set(g[rows].tolist()) for rows in (s.train, s.val, s.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    # A homogeneous collection: each vector close to the next, so the graph chains them all.
+    base = rng.standard_normal(32)
+    chain = np.stack([base + 0.03 * rng.standard_normal(32) for _ in range(100)])
+    chain_hashes = np.array([f"c{i}" for i in range(100)])
+    gc = near_duplicate_groups(chain.astype(np.float32), chain_hashes)
+    assert len(set(gc.tolist())) == 100  # a chain is not a set of copies: hash groups stay
+    assert (near_duplicate_groups(x, hashes, 1.0) == hashes).all()

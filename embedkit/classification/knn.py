@@ -141,8 +141,11 @@ def knn_evaluate(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    group_threshold: float | None = None,
 ) -> KnnEvaluation:
     """Weighted k-NN over a store's training split, evaluated on its test split.
+
+    ``group_threshold``: as for ``train_store_probe`` (near duplicates share a split side).
 
     With ``probe`` (a ``Probe`` or its directory) the probe's own train/test split is used and
     the probe is evaluated on the same test rows; otherwise the split is made here with
@@ -152,7 +155,13 @@ def knn_evaluate(
         probe = Probe.load(probe)
     if missing is None:
         missing = probe.settings.get("missing", "error") if probe is not None else "error"
-    data = labelled_features(store, labels, missing=missing)
+    data = labelled_features(
+        store,
+        labels,
+        missing=missing,
+        # With a probe its stored split is used: no need to find near-duplicate groups.
+        group_threshold=1.0 if probe is not None else group_threshold,
+    )
     if probe is not None:
         probe.check_features(data.features[:0], data.fingerprint)
         train = np.flatnonzero(np.isin(data.keys, probe.split.get("train", [])))

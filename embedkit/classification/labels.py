@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 MissingLabels = Literal["error", "drop"]
 
+# A near-duplicate "group" larger than this share of the labelled rows is a similarity chain
+# through a homogeneous collection (measured: distinct textile photos have median cosine 0.956
+# with efficientnet_lite0), not a set of copies; see ``near_duplicate_groups``.
+MAX_SPLIT_GROUP_FRACTION = 0.02
+
 
 @dataclass(frozen=True)
 class LabelledFeatures:
@@ -26,7 +31,8 @@ class LabelledFeatures:
     Attributes:
         features: float32 (N, D) stored vectors of the labelled rows.
         labels: (N,) class names.
-        groups: (N,) content hashes; equal hashes never straddle splits.
+        groups: (N,) split groups: byte-identical files and near duplicates share one, and
+            a group never straddles splits (``near_duplicate_groups``).
         keys: (N,) int64 store ids.
         paths: (N,) stored paths, for messages and predictions.
         fingerprint: the store's model fingerprint.
@@ -94,6 +100,7 @@ def labelled_features(
     labels: str | Path | None = None,
     *,
     missing: MissingLabels = "error",
+    group_threshold: float | None = None,
 ) -> LabelledFeatures:
     """Collect the stored features of labelled images.
 
@@ -105,6 +112,9 @@ def labelled_features(
             label, or a file directly in the root folder): ``error`` (default) raises a
             ``ProbeError`` with the count; ``drop`` leaves them out and reports the count in
             ``n_dropped``.
+        group_threshold: cosine similarity at which near duplicates share a split group
+            (``near_duplicate_groups``; None: the duplicates default, 0.90); 1.0 keeps only
+            byte-identical copies together.
     """
     if missing not in ("error", "drop"):
         raise InvalidArgumentError(f"missing must be one of: error, drop (got {missing!r})")
@@ -135,15 +145,56 @@ def labelled_features(
             f"{len(paths) - len(unlabelled)} labelled ones"
         )
     keep = np.flatnonzero(assigned != None)  # noqa: E711
+    features = np.ascontiguousarray(store.vectors[keep], dtype=np.float32)
+    hashes = np.asarray(store.hashes, dtype=object)[keep].astype(str)
     return LabelledFeatures(
-        features=np.ascontiguousarray(store.vectors[keep], dtype=np.float32),
+        features=features,
         labels=assigned[keep].astype(str),
-        groups=np.asarray(store.hashes, dtype=object)[keep].astype(str),
+        groups=near_duplicate_groups(features, hashes, group_threshold),
         keys=np.asarray(store.ids, dtype=np.int64)[keep],
         paths=paths[keep].astype(str),
         fingerprint=dict(store.fingerprint),
         n_dropped=len(unlabelled),
     )
+
+
+def near_duplicate_groups(
+    features: np.ndarray,
+    hashes: np.ndarray,
+    threshold: float | None = None,
+    *,
+    max_group_fraction: float = MAX_SPLIT_GROUP_FRACTION,
+) -> np.ndarray:
+    """Split groups: byte-identical files and near duplicates (resized, re-compressed,
+    cropped, rotated copies) share a group, so no copy of a test image is trained on.
+
+    Near duplicates are the groups ``embedkit duplicates`` finds at ``threshold`` (its default,
+    0.90 cosine). On a homogeneous collection (textures, documents) the similarity graph chains
+    distinct images into a giant component; a component holding more than
+    ``max_group_fraction`` of the rows (and more than 10) is such a chain, not a set of copies,
+    and its rows fall back to their content-hash groups.
+
+    Returns:
+        (N,) group keys (strings): a content hash, or ``dup:<id>`` for a near-duplicate group.
+    """
+    from ..index.duplicates import DEFAULT_THRESHOLD, group_duplicates
+
+    groups = np.asarray(hashes, dtype=object).astype(str).astype(object)
+    if len(features) < 2 or (threshold is not None and threshold >= 1.0):
+        return groups.astype(str)
+    found = group_duplicates(
+        features,
+        np.arange(len(features)),
+        list(hashes),
+        DEFAULT_THRESHOLD if threshold is None else threshold,
+    )
+    limit = max(10, int(max_group_fraction * len(features)))
+    for g in found:
+        rows = [m.id for m in g.members]
+        if len(rows) > limit:
+            continue  # a chain through a homogeneous collection: keep hash groups
+        groups[rows] = f"dup:{min(rows)}"
+    return groups.astype(str)
 
 
 @dataclass(frozen=True)

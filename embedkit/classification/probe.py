@@ -140,7 +140,10 @@ class Probe:
         if split not in ("test", "all"):
             raise InvalidArgumentError(f"split must be one of: test, all (got {split!r})")
         data = labelled_features(
-            store, labels, missing=missing or self.settings.get("missing", "error")
+            store,
+            labels,
+            missing=missing or self.settings.get("missing", "error"),
+            group_threshold=1.0,  # the probe's stored split decides; groups are not needed
         )
         rows = np.arange(len(data.keys))
         if split == "test":

@@ -273,6 +273,7 @@ def train_store_probe(
     labels: str | Path | None = None,
     *,
     missing: MissingLabels = "error",
+    group_threshold: float | None = None,
     **options: Any,
 ) -> Probe:
     """``labelled_features`` + ``train_probe``: a probe on a store's labelled images.
@@ -281,10 +282,12 @@ def train_store_probe(
         store: the store (or its path).
         labels: a ``path,label`` / ``id,label`` CSV, or None for parent folder names.
         missing: ``error`` or ``drop`` stored images without a label (see ``labelled_features``).
+        group_threshold: cosine at which near duplicates stay on one side of the split (None:
+            0.90, the duplicates default; 1.0: byte-identical copies only).
         **options: passed to ``train_probe`` (``weight_decays``, ``max_epochs``, ``seed``,
             ``device``, ``knn_k``, ``on_epoch``, split fractions).
     """
-    data = labelled_features(store, labels, missing=missing)
+    data = labelled_features(store, labels, missing=missing, group_threshold=group_threshold)
     probe = train_probe(
         data.features,
         data.labels,
@@ -296,6 +299,8 @@ def train_store_probe(
     probe.settings.update(
         labels=str(labels) if labels is not None else "parent folder names",
         missing=missing,
+        group_threshold=group_threshold,
+        n_split_groups=len(set(data.groups.tolist())),
         n_unlabelled_dropped=data.n_dropped,
         store=str(getattr(store, "path", store)),
     )

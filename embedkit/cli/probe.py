@@ -64,6 +64,19 @@ MissingOpt = Annotated[
         ),
     ),
 ]
+GroupThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--group-threshold",
+        min=0.0,
+        max=1.0,
+        help=(
+            "Cosine similarity at which near duplicates (edited copies) stay on one side of "
+            "the split, as `embedkit duplicates` groups them (default 0.90); 1 keeps only "
+            "byte-identical files together."
+        ),
+    ),
+]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
@@ -198,6 +211,7 @@ def train_cmd(
         float, typer.Option(help="Share of each class's distinct images for the final test.")
     ] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    group_threshold: GroupThresholdOpt = None,
     knn_k: Annotated[
         int,
         typer.Option(
@@ -220,6 +234,7 @@ def train_cmd(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
+        group_threshold=group_threshold,
         knn_k=knn_k or None,
         device=device,
     )
@@ -344,6 +359,7 @@ def knn_cmd(
     ] = DEFAULT_TEMPERATURE,
     missing: MissingOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the split (without --probe).")] = 0,
+    group_threshold: GroupThresholdOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Weighted k-NN classification (DINO protocol) of the test split from the training split.
@@ -360,6 +376,7 @@ def knn_cmd(
         temperature=temperature,
         missing=missing.value if missing else None,
         seed=seed,
+        group_threshold=group_threshold,
     )
     if json_out:
         print_json(
