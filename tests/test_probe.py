@@ -273,3 +273,20 @@ def test_near_duplicates_share_a_split_group_and_chains_do_not() -> None:
     gc = near_duplicate_groups(chain.astype(np.float32), chain_hashes)
     assert len(set(gc.tolist())) == 100  # a chain is not a set of copies: hash groups stay
     assert (near_duplicate_groups(x, hashes, 1.0) == hashes).all()
+
+
+def test_eval_on_another_models_store_names_the_mismatch(store_dir: Path, tmp_path: Path) -> None:
+    from embedkit.classification.train import train_store_probe
+    from embedkit.extraction.run import extract
+
+    probe = train_store_probe(
+        store_dir / "s.store", missing="drop", group_threshold=1.0, max_epochs=3, device="cpu"
+    )
+    # The user's other folder, made with another model: no id in common with the probe's split.
+    import shutil
+
+    photos = shutil.copytree(store_dir / "photos", tmp_path / "elsewhere")
+    other = tmp_path / "other.store"
+    extract([str(photos)], other, model="test_resnet", random_init=True, workers=0)
+    with pytest.raises(ProbeError, match="another model"):
+        probe.evaluate_store(other, missing="drop")

@@ -139,6 +139,10 @@ class Probe:
         """
         if split not in ("test", "all"):
             raise InvalidArgumentError(f"split must be one of: test, all (got {split!r})")
+        store = resolve_store(store)
+        # Another model's store first of all: its ids may even match (same files), and "no
+        # test images labelled" would hide the real problem.
+        self.check_features(np.zeros((0, self.weight.shape[1]), np.float32), store.fingerprint)
         data = labelled_features(
             store,
             labels,

@@ -144,12 +144,25 @@ class _EpochTable:
                 )
             self.wd, self.history = wd, []
         self.history.append(row)
-        t = Table(title=f"training, weight decay {wd:g}", title_justify="left")
+        self.live.update(self._table(f"training, weight decay {wd:g}", self.history))
+
+    def _table(self, title: str, history: list[dict[str, float]]) -> Table:
+        t = Table(title=title, title_justify="left")
         for col in HISTORY_COLUMNS:
             t.add_column(col, justify="right")
-        for r in self.history[-self.rows :]:
+        for r in history[-self.rows :]:
             t.add_row(str(r["epoch"]), *(_fmt(r[c]) for c in HISTORY_COLUMNS[1:]))
-        self.live.update(t)
+        return t
+
+    def finish(self, chosen_wd: float, history: list[dict[str, float]]) -> None:
+        """Leave the CHOSEN weight decay's epochs on screen, not the last one tried."""
+        if self.wd is not None and self.wd != chosen_wd and self.history:
+            last = self.history[-1]
+            console.print(
+                f"weight decay {self.wd:g}: {len(self.history)} epochs, "
+                f"val acc {_fmt(last['val_acc'])}, val loss {_fmt(last['val_loss'])}"
+            )
+        self.live.update(self._table(f"chosen: weight decay {chosen_wd:g}", history))
 
 
 def _print_evaluation(ev: Evaluation, title: str) -> None:
@@ -246,7 +259,9 @@ def train_cmd(
         probe = train_store_probe(store, labels, **options)
     else:
         with Live(console=console, refresh_per_second=8, transient=False) as live:
-            probe = train_store_probe(store, labels, on_epoch=_EpochTable(live), **options)
+            table = _EpochTable(live)
+            probe = train_store_probe(store, labels, on_epoch=table, **options)
+            table.finish(float(probe.settings["weight_decay"]), list(probe.history))
         console.print()
     probe.save(out)
     if json_out:
