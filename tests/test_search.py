@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -177,9 +178,11 @@ def test_cli_index_and_search_formats(store: Path) -> None:
     r = runner.invoke(app, ["search", str(store), "p1.jpg", "p2.jpg", "-k", "3", "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert len(data) == 2 and len(data[0]) == 3
-    assert set(data[0][0]) == {"rank", "score", "id", "path"} and data[0][0]["rank"] == 1
-    assert data[0][0]["path"].endswith("p1.jpg")
+    assert len(data) == 2 and [d["query"] for d in data] == ["p1.jpg", "p2.jpg"]
+    hits = data[0]["hits"]
+    assert len(hits) == 3 and set(hits[0]) == {"rank", "score", "id", "path"}
+    assert hits[0]["rank"] == 1 and hits[0]["path"].endswith("p1.jpg")
+    assert os.path.isabs(hits[0]["path"])
 
     r = runner.invoke(app, ["search", str(store), "p1.jpg", "-k", "2", "--csv"])
     rows = list(csv.DictReader(io.StringIO(r.stdout)))

@@ -35,15 +35,19 @@ class TopClass:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k classes of one image (a stored path, or a file given on the command line)."""
+    """The top-k classes of one image: a stored one (absolute path and its store id, so that
+    stores with several roots stay unambiguous) or a file given on the command line (its path
+    as given, no id)."""
 
     path: str
     top: list[TopClass]
+    id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{path, top: [{index, label, prob}]}``, the ``--json`` shape."""
+        """``{path, id, top: [{index, label, prob}]}``, the ``--json`` shape."""
         return {
             "path": self.path,
+            "id": self.id,
             "top": [{"index": t.index, "label": t.label, "prob": t.prob} for t in self.top],
         }
 
@@ -83,7 +87,11 @@ def head_probabilities(features: np.ndarray, weight: np.ndarray, bias: np.ndarra
 
 
 def rank_top_k(
-    probs: np.ndarray, names: Sequence[str], paths: Sequence[str], top_k: int
+    probs: np.ndarray,
+    names: Sequence[str],
+    paths: Sequence[str],
+    top_k: int,
+    ids: Sequence[int] | np.ndarray | None = None,
 ) -> list[Prediction]:
     """Turn (N, C) probabilities into one ``Prediction`` per row, best class first."""
     if top_k < 1:
@@ -97,6 +105,7 @@ def rank_top_k(
         Prediction(
             path=str(path),
             top=[TopClass(int(c), str(names[c]), float(probs[i, c])) for c in best[i]],
+            id=None if ids is None else int(ids[i]),
         )
         for i, path in enumerate(paths)
     ]
@@ -184,9 +193,9 @@ def classify(
                 f"store {store.path} keeps L2-normalised vectors, but the ImageNet head needs "
                 "the raw pooled features; pass image files, or re-extract without --normalize"
             )
-        features, paths = store.vectors, [str(p) for p in store.paths]
+        features, paths, ids = store.vectors, store.abspaths, store.ids
     else:
         features = embed_image_files(store, images, normalize=False, device=device)
-        paths = [str(p) for p in images]
+        paths, ids = [str(p) for p in images], None
     probs = head_probabilities(features, weight, bias)
-    return rank_top_k(probs, _imagenet_names(probs.shape[1]), paths, top_k)
+    return rank_top_k(probs, _imagenet_names(probs.shape[1]), paths, top_k, ids)

@@ -175,8 +175,9 @@ class Probe:
             )
         store = resolve_store(store)
         fp = dict(store.fingerprint)
+        ids = None
         if images is None:
-            features, paths = store.vectors, [str(p) for p in store.paths]
+            features, paths, ids = store.vectors, store.abspaths, store.ids
         else:
             self.check_features(np.zeros((0, self.weight.shape[1]), np.float32), fp)
             features = embed_image_files(
@@ -184,7 +185,7 @@ class Probe:
             )
             paths = [str(p) for p in images]
         probs = self.predict_proba(features, fingerprint=fp)
-        return rank_top_k(probs, self.classes, paths, top_k)
+        return rank_top_k(probs, self.classes, paths, top_k, ids)
 
     # -- persistence -------------------------------------------------------------------------
 

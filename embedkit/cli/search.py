@@ -162,7 +162,8 @@ def search_cmd(
 
 def _print_search(results: list[QueryResult], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.json:
-        print_json([[h.__dict__ for h in r.hits] for r in results])
+        # One object per query, echoing it, so results of several queries cannot be mixed up.
+        print_json([{"query": r.query, "hits": [h.__dict__ for h in r.hits]} for r in results])
     elif fmt is OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["query", "rank", "score", "id", "path"])
