@@ -237,6 +237,9 @@ def test_cli_train_eval_predict_knn(store_dir: Path, tmp_path: Path) -> None:
         and "k-NN" in r.output
         and (tmp_path / "p" / "history.png").exists()
     )
+    # the terminal chart of the chosen run: loss and accuracy panels with their legends
+    assert "chosen: weight decay" in r.output
+    assert "train loss" in r.output and "val acc" in r.output and "accuracy" in r.output
     r = runner.invoke(app, ["probe", "eval", out, "--store", store, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["n"] >= 2
@@ -290,3 +293,20 @@ def test_eval_on_another_models_store_names_the_mismatch(store_dir: Path, tmp_pa
     extract([str(photos)], other, model="test_resnet", random_init=True, workers=0)
     with pytest.raises(ProbeError, match="another model"):
         probe.evaluate_store(other, missing="drop")
+
+
+def test_epoch_chart_draws_every_series() -> None:
+    from rich.console import Console
+
+    from embedkit.cli.chart import epoch_chart
+
+    history = [
+        {"epoch": i, "train_loss": 1 / i, "val_loss": 1.2 / i, "train_acc": 0.5, "val_acc": 0.4}
+        for i in range(1, 6)
+    ]
+    console = Console(width=100, record=True)
+    console.print(epoch_chart(history, width=100, height=12))
+    text = console.export_text()
+    for label in ("loss", "accuracy", "train loss", "val loss", "train acc", "val acc", "epoch"):
+        assert label in text, label
+    assert len(text.splitlines()) >= 10

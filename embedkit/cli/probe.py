@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
@@ -17,6 +18,7 @@ from ..defaults import KNN_K as DEFAULT_K
 from ..defaults import KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from ._app import app
 from ._kit import console, print_json, run_command
+from .chart import epoch_chart
 
 if TYPE_CHECKING:  # the library (torch, scikit-learn) loads in the command, not at --help
     from ..classification.head import Prediction
@@ -144,7 +146,14 @@ class _EpochTable:
                 )
             self.wd, self.history = wd, []
         self.history.append(row)
-        self.live.update(self._table(f"training, weight decay {wd:g}", self.history))
+        self.live.update(self._view(f"training, weight decay {wd:g}", self.history))
+
+    def _view(self, title: str, history: list[dict[str, float]]) -> Group:
+        # The live epoch table and, once there are two epochs, the loss/accuracy chart.
+        parts: list[Any] = [self._table(title, history)]
+        if len(history) >= 2:
+            parts.append(epoch_chart(history, width=min(console.width, 110)))
+        return Group(*parts)
 
     def _table(self, title: str, history: list[dict[str, float]]) -> Table:
         t = Table(title=title, title_justify="left")
@@ -162,7 +171,7 @@ class _EpochTable:
                 f"weight decay {self.wd:g}: {len(self.history)} epochs, "
                 f"val acc {_fmt(last['val_acc'])}, val loss {_fmt(last['val_loss'])}"
             )
-        self.live.update(self._table(f"chosen: weight decay {chosen_wd:g}", history))
+        self.live.update(self._view(f"chosen: weight decay {chosen_wd:g}", history))
 
 
 def _print_evaluation(ev: Evaluation, title: str) -> None:
