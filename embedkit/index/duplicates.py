@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import IndexStateError, InvalidArgumentError
 from ..store.read import Store, open_store
-from .lifecycle import Log, open_index
+from .lifecycle import Log, open_synced
 from .ondisk import OnDiskIndex
 from .ram import Index
 
@@ -203,7 +203,7 @@ def find_duplicates(
     st = store if isinstance(store, Store) else open_store(store, vectors=False)
     if len(st.ids) == 0:
         return []
-    index = open_index(st, log=log)
+    index, st = open_synced(st, log=log)  # st: the commit the index was brought to
     if isinstance(index, OnDiskIndex):
         # Past RAM: the queries are the index's own memory-mapped vectors, read block by block;
         # the store's vectors are never loaded.
