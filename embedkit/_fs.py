@@ -95,7 +95,7 @@ def locked(
         busy: builds the error raised on timeout from (holder, timeout).
         waiting: told the holder once, when the lock is taken and we start waiting.
     """
-    key = (os.path.abspath(lock_file), threading.get_ident())
+    key = (os.path.realpath(lock_file), threading.get_ident())  # one key per file
     with _held_guard:
         depth = _held.get(key, 0)
         if depth:

@@ -12,6 +12,12 @@ preprocessing, dim) and the store version. An index from another model is refuse
 ``open_index`` (``index_store`` rebuilds it); one from an older store version is updated in
 place (new ids added, deleted and changed ids removed) or rebuilt when that is cheaper. Every
 such decision is reported through ``log`` in one line.
+
+Concurrent use (docs/internals.md, "Concurrent use"): every load-decide-write sequence holds
+the index lock (``lock.py``) and re-reads the store's last commit under it, so the index only
+moves forward; readers take no lock. A search that finds the index stale waits for whoever
+holds the lock (up to ``lock.wait_seconds()``), then searches one consistent commit
+(``open_synced``).
 """
 
 from __future__ import annotations
@@ -306,7 +312,7 @@ def _update_ondisk(index: OnDiskIndex, path: Path, version: int, log: Log) -> st
     if declined is not None:
         return f"the store moved from version {old} to {version} and {declined}"
     log(
-        f"updated on-disk index from store version {old} to {version} "
+        f"updated on-disk index from store version {old} to {_version(index)} "
         f"({len(index)} vectors) in {time.perf_counter() - start:.1f}s"
     )
     return None

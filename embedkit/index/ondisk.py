@@ -351,6 +351,9 @@ class OnDiskIndex:
                 built.tune(seed=seed)  # and publishes it: writes ondisk.json naming g-<token>
             except BaseException:
                 shutil.rmtree(final / gen, ignore_errors=True)
+                if not (final / INFO).exists():
+                    with contextlib.suppress(OSError):
+                        final.rmdir()  # made for this build, and empty again
                 raise
             _remove_all_but(final, {INFO, gen})
         return built
@@ -368,7 +371,7 @@ class OnDiskIndex:
             text = _read_info(d)
             try:
                 return cls._load(d, text)
-            except (IndexStateError, OSError, RuntimeError, ValueError):
+            except IndexStateError:
                 if _read_info(d) == text:
                     raise  # nobody replaced it: really missing or damaged
         return cls._load(d, _read_info(d))
@@ -385,7 +388,13 @@ class OnDiskIndex:
             )
         if info.get("format") != FORMAT:
             raise IndexStateError(f"{d} is not an embedkit on-disk index")
-        return cls(d, info)
+        try:
+            return cls(d, info)
+        except (OSError, RuntimeError, ValueError) as exc:  # a file missing or cut short
+            raise IndexStateError(
+                f"the on-disk index at {d} is damaged ({exc}); rebuild it with `embedkit index "
+                "STORE --rebuild` or OnDiskIndex.build(store, dir)"
+            ) from None
 
     def _reload(self) -> None:
         """Catch up with what another process wrote since this object was loaded."""
