@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ondisk import merge_ondisk
 
-from .._fs import atomic_path, atomic_write_bytes, fsync_dir, fsync_file
+from .._fs import TMP_SUFFIX, atomic_path, atomic_write_bytes, fsync_dir, fsync_file
 from ..errors import IndexStateError, InvalidArgumentError
 from ..store.read import fingerprint_of, l2_normalize, live_ok_rows, read_manifest
 from .choice import METRICS, Metric, choose_index_key, estimate_memory, ivf_prefix
@@ -595,6 +595,8 @@ class OnDiskIndex:
             )
         version = int(manifest["version"])
         d = self.data_dir
+        for leftover in d.glob(f".*{TMP_SUFFIX}"):  # temp files of a killed update
+            leftover.unlink(missing_ok=True)
         # Rows past info["n"] are left over from an interrupted update: drop them first.
         for name, width in ((VECTORS, 4 * self.dim), (IDS, 8)):
             os.truncate(d / name, self.n * width)
