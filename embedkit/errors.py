@@ -39,5 +39,9 @@ class IndexStateError(EmbedkitError):
     """An index is missing, corrupt, or was built from another store state."""
 
 
+class IndexLockedError(IndexStateError):
+    """Another process kept the index locked (building or updating it) past the wait limit."""
+
+
 class ProbeError(EmbedkitError):
     """A probe cannot be trained, loaded or applied (bad labels, model mismatch, ...)."""

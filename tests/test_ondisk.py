@@ -85,7 +85,8 @@ def test_recall_store_ids_and_reload(synthetic_store, tmp_path):
     index.tune(queries=clustered(np.random.default_rng(2), 200))
     assert len(index) == len(ids) == 19_999
     assert index.info["shards"] == 3 and index.info["key"] == ondisk_key(19_999, DIM)
-    assert (tmp_path / "idx" / "lists.ivfdata").stat().st_size > 0
+    assert (index.data_dir / "lists.ivfdata").stat().st_size > 0
+    assert index.data_dir.parent == tmp_path / "idx"  # its build's folder, named by ondisk.json
     q = clustered(np.random.default_rng(1), 200)  # fresh queries, not stored vectors
     truth = ids[_exact(x, q, 10)]
     scores, found = index.search(q, 10)
@@ -165,7 +166,8 @@ def test_cli_index_with_tiny_budget_goes_on_disk_and_search_uses_it(tmp_path):
     report = json.loads(done.stdout)
     assert report["action"] == "built" and report["backend"] == "ondisk"
     assert report["key"] == ondisk_key(n, DIM) and report["recall_at_10"] >= 0.95
-    assert report["build_seconds"] > 0 and (path / ONDISK_DIR / "lists.ivfdata").exists()
+    data_dir = OnDiskIndex.load(path / ONDISK_DIR).data_dir
+    assert report["build_seconds"] > 0 and (data_dir / "lists.ivfdata").exists()
     assert not (path / INDEX_DIR).exists()
     # Unchanged store, same budget: nothing to do.
     again = index_store(path, max_memory=2**20)
@@ -303,7 +305,7 @@ def test_update_appends_tombstones_and_stays_correct(tmp_path):
     groups = [sorted(m.id for m in g.members) for g in find_duplicates(path, 0.999)]
     assert sorted([int(ids[0]), int(new_ids[0])]) in groups
     # An interrupted update (bytes appended past the recorded rows) is repaired by the next.
-    with open(path / ONDISK_DIR / "vectors.f32", "ab") as f:
+    with open(OnDiskIndex.load(path / ONDISK_DIR).data_dir / "vectors.f32", "ab") as f:
         f.write(b"\0" * 4 * DIM * 3)
     with StoreWriter(path, _metadata(DIM)) as w:
         _write(w, new_ids[:1] + 1, new_x[1:2])

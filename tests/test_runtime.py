@@ -96,7 +96,7 @@ def test_forward_checks_its_input(tiny, tmp_path):
 def test_cache_hit_skips_export(tiny, tmp_path, monkeypatch):
     path, exported = ensure_onnx(tiny, cache_dir=tmp_path)
     assert exported and path.parent == tmp_path and path.with_suffix(".json").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no leftovers
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no leftovers
 
     def boom(*a, **k):
         raise AssertionError("exported again")

@@ -20,7 +20,7 @@ from ..errors import IndexStateError, InvalidArgumentError
 from ..images.move import MoveReport, PlannedMove, move_files
 from ..store.read import STATUS_OK, Store, open_store
 from .keep import DEFAULT_KEEP, check_keep_rule, choose_keeper
-from .lifecycle import Log, open_index
+from .lifecycle import Log, open_synced
 from .ondisk import OnDiskIndex
 from .ram import Index
 
@@ -300,7 +300,7 @@ def find_duplicates(
     st = store if isinstance(store, Store) else open_store(store, vectors=False)
     if len(st.ids) == 0:
         return []
-    groups = _find(st, threshold, k, log)
+    groups, st = _find(st, threshold, k, log)  # st: the commit the index matched
     meta = _file_facts(st, {m.id for g in groups for m in g.members})
     return [g.with_keeper(keep, meta) for g in groups]
 
@@ -315,8 +315,10 @@ def _file_facts(st: Store, ids: set[int]) -> dict[int, tuple[Any, ...]]:
     return {row[0]: tuple(row[1:]) for row in zip(*cols, strict=True)}
 
 
-def _find(st: Store, threshold: float, k: int, log: Log | None) -> list[DuplicateGroup]:
-    index = open_index(st, log=log)
+def _find(
+    st: Store, threshold: float, k: int, log: Log | None
+) -> tuple[list[DuplicateGroup], Store]:
+    index, st = open_synced(st, log=log)  # st: the commit the index was brought to
     if isinstance(index, OnDiskIndex):
         # Past RAM: the queries are the index's own memory-mapped vectors, read block by block;
         # the store's vectors are never loaded.
@@ -333,12 +335,14 @@ def _find(st: Store, threshold: float, k: int, log: Log | None) -> list[Duplicat
         hashes = st.hashes if aligned else [st.hashes[r] for r in rows.tolist()]
         paths = st.abspaths if aligned else [st.abspath(r) for r in rows.tolist()]
         view = _RowView(index.vectors, alive)
-        return group_duplicates(view, ids, hashes, threshold, k=k, index=index, paths=paths)
+        groups = group_duplicates(view, ids, hashes, threshold, k=k, index=index, paths=paths)
+        return groups, st
     if index.metric != "cosine":
         index = Index.build(st.vectors, st.ids, metric="cosine")  # an l2 index: a cosine one here
-    return group_duplicates(
+    groups = group_duplicates(
         st.vectors, st.ids, st.hashes, threshold, k=k, index=index, paths=st.abspaths
     )
+    return groups, st
 
 
 def move_duplicates(

@@ -12,6 +12,12 @@ preprocessing, dim) and the store version. An index from another model is refuse
 ``open_index`` (``index_store`` rebuilds it); one from an older store version is updated in
 place (new ids added, deleted and changed ids removed) or rebuilt when that is cheaper. Every
 such decision is reported through ``log`` in one line.
+
+Concurrent use (docs/internals.md, "Concurrent use"): every load-decide-write sequence holds
+the index lock (``lock.py``) and re-reads the store's last commit under it, so the index only
+moves forward; readers take no lock. A search that finds the index stale waits for whoever
+holds the lock (up to ``lock.wait_seconds()``), then searches one consistent commit
+(``open_synced``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 from ..errors import IndexStateError, InvalidArgumentError, StoreError
 from ..store.read import Store, count_live, fingerprint_of, open_store, read_manifest
 from .choice import DEFAULT_MAX_MEMORY, METRICS, Metric, choose_index_key
+from .lock import index_lock
 from .ondisk import INFO as ONDISK_INFO
 from .ondisk import OnDiskIndex, choose_backend
 from .ram import Index
@@ -39,6 +46,9 @@ ONDISK_DIR = "index-ondisk"
 # An update touching more than this share of the rows costs about as much as a rebuild, and a
 # rebuild also re-chooses the key and re-tunes recall.
 REBUILD_SHARE = 0.5
+# Rounds of "bring the index to the last commit" while an extract keeps committing: each round
+# is an update of the few rows committed during the previous one.
+_SYNC_ATTEMPTS = 10
 
 Log = Callable[[str], None]
 Action = Literal["built", "rebuilt", "updated", "up to date"]
@@ -147,46 +157,137 @@ def open_index(
     """The store's index, ready to search: built when missing, updated when the store moved on
     (rebuilt when an update cannot do it).
 
+    The index matches the store's last commit, which is newer than ``store`` when an extract
+    committed since it was opened; ``open_synced`` also returns the matching ``Store``.
+
     Raises:
         IndexStateError: the index was built from another model, or is damaged.
+        IndexLockedError: another process kept building it past the wait limit.
+    """
+    return open_synced(store, metric=metric, log=log)[0]
+
+
+def open_synced(
+    store: Store,
+    *,
+    metric: Metric = "cosine",
+    log: Log | None = None,
+) -> tuple[Index | OnDiskIndex, Store]:
+    """The store's index ready to search, and the store snapshot it was brought to.
+
+    Reading takes no lock: an index already at ``store``'s version is returned as is (and one
+    another process brought to a later commit, with that commit's ``Store``). Otherwise the
+    index lock is taken (waiting for another process's build, up to ``lock.wait_seconds()``),
+    the store's last commit is read and the index built, updated or rebuilt to it, so that
+    the index only ever moves forward and a search never mixes two commits.
+
+    Raises:
+        IndexStateError: the index was built from another model, or is damaged.
+        IndexLockedError: another process kept building it past the wait limit.
     """
     log = log or _default_log
+    try:
+        found = _load_any(store.path)
+    except IndexStateError:
+        found = None  # damaged, or replaced while we read it: look again under the lock
+    if found is not None:
+        _check_origin(found, store)
+        current = store
+        if _version(found) != store.version:
+            manifest = read_manifest(store.path)
+            if manifest is not None and int(manifest["version"]) == _version(found):
+                current = _reopen(store)  # another process indexed a newer commit: use it
+        if _version(found) == current.version:
+            return _ready(found, current), current
+    with index_lock(store.path / INDEX_DIR, log):
+        current = _latest(store)
+        for _ in range(_SYNC_ATTEMPTS):
+            index = _open_locked(current, metric, log)
+            if _version(index) == current.version:
+                return index, current
+            # The on-disk index reads the store's manifest itself, and followed a commit
+            # made since `current` was read: read that commit too.
+            current = _reopen(current)
+    raise IndexStateError(
+        f"store {store.path} kept committing while its index was brought up to date; retry"
+    )
+
+
+def _load_any(path: Path) -> Index | OnDiskIndex | None:
+    """The store's index as it is on disk (no update), or None when it has none."""
+    if (path / ONDISK_DIR / ONDISK_INFO).exists():
+        return OnDiskIndex.load(path / ONDISK_DIR)
+    if (path / INDEX_DIR / "index.json").exists():
+        hint = f"rebuild it with `embedkit index {path} --rebuild`"
+        return Index.load(path / INDEX_DIR, rebuild_hint=hint)
+    return None
+
+
+def _version(index: Index | OnDiskIndex) -> int | None:
+    return (index.info.get("source") or {}).get("store_version")
+
+
+def _check_origin(index: Index | OnDiskIndex, store: Store) -> None:
+    source = index.info.get("source") or {}
+    if source.get("fingerprint") == store.fingerprint:
+        return
+    if isinstance(index, OnDiskIndex):
+        raise IndexStateError(
+            f"the on-disk index in {store.path / ONDISK_DIR} was built from another model or "
+            f"preprocessing; {_rebuild_hint(store)}"
+        )
+    raise IndexStateError(
+        f"the index in {store.path / INDEX_DIR} was built from another model or preprocessing "
+        f"({_describe_foreign(index, store)}); {_rebuild_hint(store)}"
+    )
+
+
+def _ready(index: Index | OnDiskIndex, store: Store) -> Index | OnDiskIndex:
+    if isinstance(index, Index) and _needs_vectors(index):
+        index.attach_vectors(store.vectors, store.ids)
+    return index
+
+
+def _reopen(store: Store) -> Store:
+    """The store's last commit, read like ``store`` was (all vectors, or on demand)."""
+    return open_store(store.path, vectors=store._vectors is not None)
+
+
+def _latest(store: Store) -> Store:
+    """``store``, or its last commit when an extract committed since it was read."""
+    manifest = read_manifest(store.path)
+    if manifest is None or int(manifest["version"]) == store.version:
+        return store
+    return _reopen(store)
+
+
+def _open_locked(store: Store, metric: Metric, log: Log) -> Index | OnDiskIndex:
+    """``open_index``'s decisions, under the index lock."""
     if (store.path / ONDISK_DIR / ONDISK_INFO).exists():
         return _open_ondisk(store, log)
     directory = store.path / INDEX_DIR
     if not (directory / "index.json").exists():
         log(f"no index yet for {store.path}: building one ({len(store.ids)} vectors)")
-        return index_store(store, metric=metric, log=log).index
+        return _index_locked(store, None, metric, DEFAULT_MAX_MEMORY, False, log).index
     index = Index.load(directory, rebuild_hint=_rebuild_hint(store))
-    source = index.info.get("source") or {}
-    if source.get("fingerprint") != store.fingerprint:
-        raise IndexStateError(
-            f"the index in {directory} was built from another model or preprocessing "
-            f"({_describe_foreign(index, store)}); {_rebuild_hint(store)}"
-        )
-    if _needs_vectors(index):
-        index.attach_vectors(store.vectors, store.ids)
-    if source.get("store_version") != store.version:
+    _check_origin(index, store)
+    _ready(index, store)
+    if _version(index) != store.version:
         return _refresh(index, store, log).index
     return index
 
 
 def _open_ondisk(store: Store, log: Log) -> OnDiskIndex | Index:
     index = OnDiskIndex.load(store.path / ONDISK_DIR)
-    source = index.info.get("source") or {}
-    if source.get("fingerprint") != store.fingerprint:
-        raise IndexStateError(
-            f"the on-disk index in {store.path / ONDISK_DIR} was built from another model or "
-            f"preprocessing; {_rebuild_hint(store)}"
-        )
-    if source.get("store_version") == store.version:
+    _check_origin(index, store)
+    if _version(index) == store.version:
         return index
     if _update_ondisk(index, store.path, store.version, log) is None:
         return index
     # Too much changed for an update: rebuild under the budget it was built for (which may
     # now pick the in-RAM index, e.g. after deletions).
     budget = int(index.info.get("max_memory", DEFAULT_MAX_MEMORY))
-    return index_store(store, metric=index.metric, max_memory=budget, log=log).index
+    return _index_locked(store, None, index.metric, budget, False, log).index
 
 
 def _ondisk_reason(
@@ -211,7 +312,7 @@ def _update_ondisk(index: OnDiskIndex, path: Path, version: int, log: Log) -> st
     if declined is not None:
         return f"the store moved from version {old} to {version} and {declined}"
     log(
-        f"updated on-disk index from store version {old} to {version} "
+        f"updated on-disk index from store version {old} to {_version(index)} "
         f"({len(index)} vectors) in {time.perf_counter() - start:.1f}s"
     )
     return None
@@ -259,7 +360,7 @@ def _index_ondisk(
         key_chosen="auto",
         max_memory=max_memory,
         build_seconds=round(time.perf_counter() - start, 3),  # stream + train + add + tune
-        size_bytes=sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
+        size_bytes=sum(p.stat().st_size for p in index.data_dir.iterdir() if p.is_file()),
     )
     index.save_info()
     shutil.rmtree(path / INDEX_DIR, ignore_errors=True)  # one index per store
@@ -333,6 +434,29 @@ def index_store(
     if metric not in METRICS:
         raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
     log = log or _default_log
+    path = store.path if isinstance(store, Store) else Path(store)
+    if not isinstance(store, Store) and read_manifest(path) is None:
+        open_store(path)  # raises the store's own "not a store" error (before any lock file)
+    with index_lock(path / INDEX_DIR, log):
+        return _index_locked(
+            _latest(store) if isinstance(store, Store) else path,
+            key,
+            metric,
+            max_memory,
+            rebuild,
+            log,
+        )
+
+
+def _index_locked(
+    store: Path | Store,
+    key: str | None,
+    metric: Metric,
+    max_memory: int,
+    rebuild: bool,
+    log: Log,
+) -> IndexReport:
+    """``index_store``'s decisions, under the index lock."""
     if key is None:
         # Choose the backend from the id/status columns alone: a store past RAM must not be
         # loaded whole to find out that it is one.
@@ -340,9 +464,7 @@ def index_store(
             path, n, dim = store.path, len(store.ids), store.dim
             fingerprint, version = store.fingerprint, store.version
         else:
-            path = Path(store)
-            if read_manifest(path) is None:
-                open_store(path)  # raises the store's own "not a store" error
+            path = store
             n, manifest = count_live(path)
             dim, version = int(manifest["metadata"]["dim"]), int(manifest["version"])
             fingerprint = fingerprint_of(manifest["metadata"])

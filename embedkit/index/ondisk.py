@@ -34,6 +34,7 @@ import ctypes
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -47,9 +48,11 @@ import pyarrow.parquet as pq
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ondisk import merge_ondisk
 
+from .._fs import TMP_SUFFIX, atomic_path, atomic_write_bytes, fsync_dir, fsync_file
 from ..errors import IndexStateError, InvalidArgumentError
 from ..store.read import fingerprint_of, l2_normalize, live_ok_rows, read_manifest
 from .choice import METRICS, Metric, choose_index_key, estimate_memory, ivf_prefix
+from .lock import index_lock
 from .recall import RECALL_K, RECALL_TARGET, without_own
 
 FORMAT = "embedkit-ondisk-index"
@@ -65,6 +68,8 @@ SHARD_ROWS = 1_000_000
 K_FACTOR = 8
 # HNSW coarse quantizer: efSearch must be >= nprobe (it returns at most efSearch lists).
 MIN_QUANTIZER_EF = 64
+# Reads of an index that a writer keeps replacing: each retry follows a newer ondisk.json.
+_LOAD_ATTEMPTS = 20
 Backend = Literal["ram", "ondisk"]
 
 
@@ -175,6 +180,101 @@ def _live_vectors(
         yield sel.column(0).to_numpy().astype(np.int64), x
 
 
+# -- building ------------------------------------------------------------------------------
+
+
+def _build_files(
+    store: Path,
+    out: Path,
+    metric: str,
+    key: str | None,
+    train_size: int | None,
+    shard_rows: int,
+    seed: int,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Write a new on-disk index's files into the new folder ``out``; returns its info."""
+    say = log or (lambda _: None)
+    out.mkdir(parents=True)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    say(f"on-disk index: copying the store's vectors to {out.parent}")
+    n, dim, manifest = _stream_vectors(store, out, metric)
+    times["stream_s"] = time.perf_counter() - t
+    if n == 0:
+        raise InvalidArgumentError(f"store {store} has no embedded rows to index")
+    key = key or ondisk_key(n, dim)
+    if "IVF" not in key or "PQ" not in key:
+        raise InvalidArgumentError(f"the on-disk index takes an IVF...,PQ... key, got {key!r}")
+    vectors = np.memmap(out / VECTORS, np.float32, "r", shape=(n, dim))
+    fmetric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    index = faiss.index_factory(dim, key, fmetric)
+    # extract_index_ivf returns the IndexIVF base class: downcast to reach IndexIVFPQ's flag.
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    nlist = ivf.nlist
+    # Polysemous training re-orders the PQ codes for Hamming-filtered search, which we do
+    # not use; it was 70% of the training time (25 s of 35 s for 20k x 32-d on 2 cores).
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    size = min(n, train_size or max(39 * nlist, 256 * 39))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
+    t = time.perf_counter()
+    say(f"on-disk index: training {key} on {size:,} of {n:,} vectors")
+    index.train(np.ascontiguousarray(vectors[sample]))
+    times["train_s"] = time.perf_counter() - t
+    trained = out / TRAINED  # kept: updates fill a delta index from it
+    faiss.write_index(index, str(trained))
+    t = time.perf_counter()
+    shards: list[Path] = []
+    nshards = math.ceil(n / shard_rows)
+    for start in range(0, n, shard_rows):
+        stop = min(n, start + shard_rows)
+        say(f"on-disk index: adding shard {len(shards) + 1}/{nshards} ({stop:,}/{n:,} vectors)")
+        shard = faiss.read_index(str(trained))
+        shard.add_with_ids(
+            np.ascontiguousarray(vectors[start:stop]), np.arange(start, stop, dtype=np.int64)
+        )
+        shards.append(out / f"shard-{len(shards):05d}.faiss")
+        faiss.write_index(shard, str(shards[-1]))
+        del shard
+    times["add_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = faiss.read_index(str(trained))
+    with _c_stdout_silenced():  # OnDiskInvertedLists printf()s "resizing ..." to stdout
+        merge_ondisk(merged, [str(s) for s in shards], str(out / LISTS))
+        faiss.write_index(merged, str(out / INDEX))
+    del merged
+    for s in shards:
+        s.unlink()
+    times["merge_s"] = time.perf_counter() - t
+    info = {
+        "format": FORMAT,
+        "format_version": 1,
+        "key": key,
+        "metric": metric,
+        "n": n,
+        "n_main": n,
+        "dim": dim,
+        "nlist": nlist,
+        "train_size": int(size),
+        "shards": len(shards),
+        "faiss_version": faiss.__version__,
+        "source": {
+            "fingerprint": fingerprint_of(manifest["metadata"]),
+            "store_version": manifest.get("version"),
+            "parts": [part["file"] for part in manifest["parts"]],
+        },
+        "build": {k: round(v, 3) for k, v in times.items()},
+        "params": {"nprobe": min(16, nlist), "k_factor": K_FACTOR},
+    }
+    del vectors
+    for name in (VECTORS, IDS, TRAINED, LISTS, INDEX):
+        fsync_file(out / name)
+    fsync_dir(out)
+    return info
+
+
 # -- the index ---------------------------------------------------------------------------------
 
 
@@ -187,15 +287,19 @@ class OnDiskIndex:
         self.metric: Metric = info["metric"]
         self.dim, self.n = int(info["dim"]), int(info["n"])
         self.params: dict[str, int] = dict(info.get("params") or {})
+        # The build's own folder (``g-<token>``); an index from before builds had one keeps
+        # its files beside ondisk.json.
+        self.data_dir = directory / info["data"] if info.get("data") else directory
+        d = self.data_dir
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # find lists.ivfdata beside index.faiss
         with _c_stdout_silenced():  # faiss printf()s the list file's new path
-            self._index = faiss.read_index(str(directory / INDEX), flags)
-        self._vectors = np.memmap(directory / VECTORS, np.float32, "r", shape=(self.n, self.dim))
-        self._ids = np.memmap(directory / IDS, np.int64, "r", shape=(self.n,))
+            self._index = faiss.read_index(str(d / INDEX), flags)
+        self._vectors = np.memmap(d / VECTORS, np.float32, "r", shape=(self.n, self.dim))
+        self._ids = np.memmap(d / IDS, np.int64, "r", shape=(self.n,))
         delta = info.get("delta")  # rows added by updates, in RAM
-        self._delta = faiss.read_index(str(directory / delta)) if delta else None
+        self._delta = faiss.read_index(str(d / delta)) if delta else None
         self._dead = (
-            np.fromfile(directory / info["dead"], dtype=np.int64)
+            np.fromfile(d / info["dead"], dtype=np.int64)
             if info.get("dead")
             else np.zeros(0, np.int64)
         )
@@ -215,6 +319,10 @@ class OnDiskIndex:
     ) -> OnDiskIndex:
         """Build from a store's parts into ``directory`` (replaced atomically when done).
 
+        The files go to a new folder ``directory/g-<token>``; ``directory/ondisk.json``, which
+        names it, is replaced last, and older builds' folders are deleted after that. Holds the
+        index lock (``index/lock.py``) throughout: concurrent builds run one after the other.
+
         Args:
             store: the store directory.
             directory: where the index goes (e.g. ``STORE/index-ondisk``).
@@ -226,110 +334,73 @@ class OnDiskIndex:
             seed: sampling seed.
             log: receives one line per phase and per shard (a build of 10M takes minutes).
         """
-        say = log or (lambda _: None)
         if metric not in METRICS:
             raise InvalidArgumentError(f"metric {metric!r} is not one of: {', '.join(METRICS)}")
         if shard_rows < 1:
             raise InvalidArgumentError(f"shard_rows must be >= 1, got {shard_rows}")
         final = Path(directory)
-        tmp = final.with_name(f".{final.name}.building")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        times: dict[str, float] = {}
-        t = time.perf_counter()
-        say(f"on-disk index: copying the store's vectors to {tmp.parent}")
-        n, dim, manifest = _stream_vectors(Path(store), tmp, metric)
-        times["stream_s"] = time.perf_counter() - t
-        if n == 0:
-            shutil.rmtree(tmp)
-            raise InvalidArgumentError(f"store {store} has no embedded rows to index")
-        key = key or ondisk_key(n, dim)
-        if "IVF" not in key or "PQ" not in key:
-            raise InvalidArgumentError(f"the on-disk index takes an IVF...,PQ... key, got {key!r}")
-        vectors = np.memmap(tmp / VECTORS, np.float32, "r", shape=(n, dim))
-        fmetric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-        index = faiss.index_factory(dim, key, fmetric)
-        # extract_index_ivf returns the IndexIVF base class: downcast to reach IndexIVFPQ's flag.
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        nlist = ivf.nlist
-        # Polysemous training re-orders the PQ codes for Hamming-filtered search, which we do
-        # not use; it was 70% of the training time (25 s of 35 s for 20k x 32-d on 2 cores).
-        if hasattr(ivf, "do_polysemous_training"):
-            ivf.do_polysemous_training = False
-        size = min(n, train_size or max(39 * nlist, 256 * 39))
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
-        t = time.perf_counter()
-        say(f"on-disk index: training {key} on {size:,} of {n:,} vectors")
-        index.train(np.ascontiguousarray(vectors[sample]))
-        times["train_s"] = time.perf_counter() - t
-        trained = tmp / TRAINED  # kept: updates fill a delta index from it
-        faiss.write_index(index, str(trained))
-        t = time.perf_counter()
-        shards: list[Path] = []
-        nshards = math.ceil(n / shard_rows)
-        for start in range(0, n, shard_rows):
-            stop = min(n, start + shard_rows)
-            say(f"on-disk index: adding shard {len(shards) + 1}/{nshards} ({stop:,}/{n:,} vectors)")
-            shard = faiss.read_index(str(trained))
-            shard.add_with_ids(
-                np.ascontiguousarray(vectors[start:stop]), np.arange(start, stop, dtype=np.int64)
-            )
-            shards.append(tmp / f"shard-{len(shards):05d}.faiss")
-            faiss.write_index(shard, str(shards[-1]))
-            del shard
-        times["add_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        merged = faiss.read_index(str(trained))
-        with _c_stdout_silenced():  # OnDiskInvertedLists printf()s "resizing ..." to stdout
-            merge_ondisk(merged, [str(s) for s in shards], str(tmp / LISTS))
-            faiss.write_index(merged, str(tmp / INDEX))
-        del merged
-        for s in shards:
-            s.unlink()
-        times["merge_s"] = time.perf_counter() - t
-        info = {
-            "format": FORMAT,
-            "format_version": 1,
-            "key": key,
-            "metric": metric,
-            "n": n,
-            "n_main": n,
-            "dim": dim,
-            "nlist": nlist,
-            "train_size": int(size),
-            "shards": len(shards),
-            "faiss_version": faiss.__version__,
-            "source": {
-                "fingerprint": fingerprint_of(manifest["metadata"]),
-                "store_version": manifest.get("version"),
-                "parts": [part["file"] for part in manifest["parts"]],
-            },
-            "build": {k: round(v, 3) for k, v in times.items()},
-            "params": {"nprobe": min(16, nlist), "k_factor": K_FACTOR},
-        }
-        (tmp / INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        del vectors
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        built = cls(final, info)
-        say("on-disk index: measuring recall to choose nprobe")
-        built.tune(seed=seed)
+        with index_lock(final, log):
+            gen = f"g-{secrets.token_hex(6)}"
+            try:
+                info = _build_files(
+                    Path(store), final / gen, metric, key, train_size, shard_rows, seed, log
+                )
+                info["data"] = gen
+                built = cls(final, info)
+                (log or (lambda _: None))("on-disk index: measuring recall to choose nprobe")
+                built.tune(seed=seed)  # and publishes it: writes ondisk.json naming g-<token>
+            except BaseException:
+                shutil.rmtree(final / gen, ignore_errors=True)
+                if not (final / INFO).exists():
+                    with contextlib.suppress(OSError):
+                        final.rmdir()  # made for this build, and empty again
+                raise
+            _remove_all_but(final, {INFO, gen})
         return built
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> OnDiskIndex:
+        """Open the index ``directory/ondisk.json`` names.
+
+        Takes no lock: when its files vanish while a writer replaces the index (a rebuild
+        deletes the old build's folder, an update the old delta), ``ondisk.json`` has changed
+        and is read again. Files already open stay readable after they are deleted (POSIX).
+        """
         d = Path(directory)
+        for _ in range(_LOAD_ATTEMPTS):
+            text = _read_info(d)
+            try:
+                return cls._load(d, text)
+            except IndexStateError:
+                if _read_info(d) == text:
+                    raise  # nobody replaced it: really missing or damaged
+        return cls._load(d, _read_info(d))
+
+    @classmethod
+    def _load(cls, d: Path, text: str | None) -> OnDiskIndex:
         try:
-            info = json.loads((d / INFO).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            info = json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
+            info = None
+        if not isinstance(info, dict):
             raise IndexStateError(
                 f"no readable on-disk index at {d}; build it with OnDiskIndex.build(store, dir)"
-            ) from None
+            )
         if info.get("format") != FORMAT:
             raise IndexStateError(f"{d} is not an embedkit on-disk index")
-        return cls(d, info)
+        try:
+            return cls(d, info)
+        except (OSError, RuntimeError, ValueError) as exc:  # a file missing or cut short
+            raise IndexStateError(
+                f"the on-disk index at {d} is damaged ({exc}); rebuild it with `embedkit index "
+                "STORE --rebuild` or OnDiskIndex.build(store, dir)"
+            ) from None
+
+    def _reload(self) -> None:
+        """Catch up with what another process wrote since this object was loaded."""
+        if _read_info(self.directory) != _info_bytes(self.info).decode():
+            fresh = type(self).load(self.directory)
+            self.__dict__.update(fresh.__dict__)
 
     def __len__(self) -> int:
         """Searchable vectors (rows of ``vectors`` minus tombstoned ones)."""
@@ -488,17 +559,21 @@ class OnDiskIndex:
         an update cannot do it (the caller rebuilds): another model, a compacted store (its
         indexed parts are gone), or more than ``MAX_CHURN`` of the rows added or dead.
         """
-        path = Path(store)
+        with index_lock(self.directory):
+            self._reload()  # another process may have updated or rebuilt it meanwhile
+            return self._update(Path(store))
+
+    def _update(self, path: Path) -> str | None:
         manifest = read_manifest(path)
         if manifest is None:
-            raise InvalidArgumentError(f"{store} is not an embedkit store (no manifest.json)")
+            raise InvalidArgumentError(f"{path} is not an embedkit store (no manifest.json)")
         source = self.info.get("source") or {}
         if source.get("fingerprint") != fingerprint_of(manifest["metadata"]):
             return "the store's model changed"
         parts = manifest["parts"]
         indexed = set(source.get("parts") or ())
         files = [part["file"] for part in parts]
-        if not indexed or not (self.directory / TRAINED).exists():
+        if not indexed or not (self.data_dir / TRAINED).exists():
             return "the index was built by an older embedkit that did not keep what updates need"
         if not indexed <= set(files):
             return "the store was compacted since the build"
@@ -519,7 +594,9 @@ class OnDiskIndex:
                 f"{MAX_CHURN:.0%} of the index"
             )
         version = int(manifest["version"])
-        d = self.directory
+        d = self.data_dir
+        for leftover in d.glob(f".*{TMP_SUFFIX}"):  # temp files of a killed update
+            leftover.unlink(missing_ok=True)
         # Rows past info["n"] are left over from an interrupted update: drop them first.
         for name, width in ((VECTORS, 4 * self.dim), (IDS, 8)):
             os.truncate(d / name, self.n * width)
@@ -539,8 +616,10 @@ class OnDiskIndex:
         # a crash before the info is written leaves the previous state intact.
         old: list[str | None] = [self.info.get("delta"), self.info.get("dead")]
         delta_name, dead_name = f"delta-{version}.faiss", f"dead-{version}.i64"
-        faiss.write_index(delta, str(d / delta_name))
-        dead.tofile(d / dead_name)
+        with atomic_path(d / delta_name) as tmp:
+            faiss.write_index(delta, str(tmp))
+        with atomic_path(d / dead_name) as tmp:
+            dead.tofile(tmp)
         self.info.update(n=row, delta=delta_name, dead=dead_name)
         self.info["source"] = {**source, "store_version": version, "parts": files}
         self.save_info()
@@ -553,10 +632,10 @@ class OnDiskIndex:
         return None
 
     def save_info(self) -> None:
-        """Write ``info`` (with the caller's additions, e.g. ``source``) to ``ondisk.json``."""
-        tmp = self.directory / f".{INFO}.tmp"
-        tmp.write_text(json.dumps(self.info, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, self.directory / INFO)
+        """Write ``info`` (with the caller's additions, e.g. ``source``) to ``ondisk.json``
+        atomically, under the index lock."""
+        with index_lock(self.directory):
+            atomic_write_bytes(self.directory / INFO, _info_bytes(self.info))
 
     def search_threshold(
         self, queries: Any, threshold: float
@@ -586,6 +665,26 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(int((truth >= 0).sum()), 1)
 
 
-def build_seconds(info: dict[str, Any]) -> float:
-    """Total build time recorded in an on-disk index's info."""
-    return float(math.fsum(info.get("build", {}).values()))
+def _info_bytes(info: dict[str, Any]) -> bytes:
+    return json.dumps(info, indent=1, default=str).encode()
+
+
+def _read_info(d: Path) -> str | None:
+    """``ondisk.json``'s text, or None when there is none (or it cannot be read as text)."""
+    try:
+        return (d / INFO).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove_all_but(directory: Path, keep: set[str]) -> None:
+    """Delete what older builds (and killed ones) left in ``directory``: after a rebuild, its
+    old folder; for an index from before builds had folders, its loose files."""
+    for p in directory.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    fsync_dir(directory)

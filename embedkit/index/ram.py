@@ -25,10 +25,16 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .._fs import TMP_SUFFIX, atomic_path, atomic_write_bytes
 from ..errors import IndexStateError, InvalidArgumentError
 from ..store.read import l2_normalize
 from .choice import DEFAULT_MAX_MEMORY, Metric, check_metric, choose_index_key
+from .lock import index_lock
 from .recall import RECALL_K, TUNE_TARGET, exact_topk, recall_with_ties, without_own
+
+INFO = "index.json"
+# Reads of an index that a writer keeps replacing: each retry follows a newer index.json.
+_LOAD_ATTEMPTS = 20
 
 
 def _is_compressed(key: str) -> bool:
@@ -416,69 +422,76 @@ class Index:
         """Write ``index-<token>.faiss``, ``extra-<token>.npz`` and ``index.json`` atomically.
 
         Data files get fresh names; ``index.json`` (naming them, with sizes and checksums) is
-        replaced last, so a reader sees the old index or the new one, never a mix.
+        replaced last, so a reader sees the old index or the new one, never a mix. Writers
+        take the index lock (``index/lock.py``) and delete the files the previous
+        ``index.json`` named only once the new one is in place: a reader that opened the old
+        ``index.json`` and lost the race finds them gone and re-reads it (``load``).
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(6)
         index_file = d / f"index-{token}.faiss"
         extra_file = d / f"extra-{token}.npz"
-        tmp = d / f".{index_file.name}.tmp"
-        faiss.write_index(self._index, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, index_file)
-        tmp = d / f".{extra_file.name}.tmp"
-        with open(tmp, "wb") as f:
-            tags = {f"tag_{name}": arr for name, arr in self.tags.items()}
-            arrays = {"tombstones": self._tombstones, "live": self._live, **tags}
-            np.savez(f, allow_pickle=False, **arrays)  # plain arrays; nothing to unpickle
-        _fsync(tmp)
-        os.replace(tmp, extra_file)
-        info = dict(self.info)
-        info.update(
-            format="embedkit-index",
-            format_version=1,
-            key=self.key,
-            metric=self.metric,
-            dim=self.dim,
-            n=len(self),
-            params=self.params,
-            size_bytes=index_file.stat().st_size,
-            files={p.name: _file_digest(p) for p in (index_file, extra_file)},
-        )
-        tmp = d / ".index.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, d / "index.json")
-        _fsync_dir(d)
-        self.info = info
-        for old in d.glob("*-*.faiss"):
-            if old != index_file:
-                old.unlink(missing_ok=True)
-        for old in d.glob("extra-*.npz"):
-            if old != extra_file:
-                old.unlink(missing_ok=True)
+        with index_lock(d):
+            with atomic_path(index_file) as tmp:
+                faiss.write_index(self._index, str(tmp))
+            with atomic_path(extra_file) as tmp, open(tmp, "wb") as f:
+                tags = {f"tag_{name}": arr for name, arr in self.tags.items()}
+                arrays = {"tombstones": self._tombstones, "live": self._live, **tags}
+                np.savez(f, allow_pickle=False, **arrays)  # plain arrays; nothing to unpickle
+            info = dict(self.info)
+            info.update(
+                format="embedkit-index",
+                format_version=1,
+                key=self.key,
+                metric=self.metric,
+                dim=self.dim,
+                n=len(self),
+                params=self.params,
+                size_bytes=index_file.stat().st_size,
+                files={p.name: _file_digest(p) for p in (index_file, extra_file)},
+            )
+            atomic_write_bytes(d / INFO, json.dumps(info, indent=2, default=str).encode())
+            self.info = info
+            for old in d.iterdir():  # what older saves (or killed ones) left
+                ours = old.suffix in (".faiss", ".npz", TMP_SUFFIX) and old.is_file()
+                if ours and old.name not in info["files"]:
+                    old.unlink(missing_ok=True)
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], rebuild_hint: str = "") -> Index:
         """Open a saved index; a missing, truncated or corrupt one raises ``IndexStateError``.
 
+        Takes no lock: when the files ``index.json`` names vanish or fail their checksum while
+        a writer replaces the index, ``index.json`` has changed and is read again.
+
         Args:
             directory: what ``save`` wrote to.
             rebuild_hint: the command that rebuilds it, for the error message.
         """
         d = Path(directory)
+        for _ in range(_LOAD_ATTEMPTS):
+            text = _read_info(d)
+            try:
+                return cls._load(d, text, rebuild_hint)
+            except IndexStateError:
+                if _read_info(d) == text:
+                    raise  # nobody replaced it: really damaged
+        return cls._load(d, _read_info(d), rebuild_hint)
+
+    @classmethod
+    def _load(cls, d: Path, text: str | None, rebuild_hint: str) -> Index:
         hint = rebuild_hint or "rebuild it with Index.build(...).save(dir)"
 
         def broken(what: str) -> IndexStateError:
             return IndexStateError(f"index at {d} {what}; {hint}")
 
+        if text is None:
+            raise broken("does not exist")
         try:
-            info = json.loads((d / "index.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise broken("does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            info = json.loads(text)
+        except json.JSONDecodeError:
             raise broken("has an unreadable index.json") from None
         if not isinstance(info, dict) or info.get("format") != "embedkit-index":
             raise broken("is not an embedkit index")
@@ -517,6 +530,14 @@ class Index:
         return index
 
 
+def _read_info(d: Path) -> str | None:
+    """``index.json``'s text, or None when there is none (or it cannot be read as text)."""
+    try:
+        return (d / INFO).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _with_ids(inner: faiss.Index) -> faiss.Index:
     """The index that takes store ids: an IVF as is, anything else in an IndexIDMap2."""
     if faiss.try_extract_index_ivf(inner) is not None:
@@ -530,19 +551,3 @@ def _file_digest(path: Path) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return {"size": path.stat().st_size, "blake2b": h.hexdigest()}
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

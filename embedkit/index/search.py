@@ -1,8 +1,9 @@
 """The ``search`` verb: query a store by image file, stored path or id, or vector; top-k or
 threshold.
 
-The store's index comes from ``indexing.open_index``, which builds it when missing and brings it
-up to date with the store first; an index built from another model is refused.
+The store's index comes from ``lifecycle.open_synced``, which builds it when missing and brings
+it up to date with the store's last commit first (waiting for another process that is doing
+so); an index built from another model is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import IndexStateError, InvalidArgumentError, StoreError
 from ..store.read import Store, open_store, storable
-from .lifecycle import Log, _rebuild_hint, open_index
+from .lifecycle import Log, _rebuild_hint, open_synced
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def search(
         raise InvalidArgumentError(
             "give at least one query (an image, a stored path or id, --vector)"
         )
-    index = open_index(st, log=log)
+    # The index and the store snapshot it matches: a newer one than `st` when an extract
+    # committed meanwhile (queries were read from `st`; hits are named from the same commit
+    # the index was brought to).
+    index, st = open_synced(st, log=log)
     if threshold is not None and index.metric == "cosine" and not -1.0 <= threshold <= 1.0:
         raise InvalidArgumentError(
             f"--threshold {threshold} can match nothing: cosine similarity is in [-1, 1]"

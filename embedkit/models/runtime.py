@@ -15,11 +15,9 @@ torch with a warning, ``onnx`` raises.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._fs import atomic_path, atomic_write_bytes
 from ..errors import EmbedkitError, InvalidArgumentError
 from ..extraction.threads import usable_cores
 from .backbone import Backbone, precision_of
@@ -293,11 +292,10 @@ def ensure_onnx(
     if path.is_file():
         return path, False
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / f"{digest}.json", json.dumps(key, indent=1, sort_keys=True).encode())
-    with _temp_path(folder, ".onnx") as tmp:
+    key_json = json.dumps(key, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(folder / f"{digest}.json", key_json)
+    with atomic_path(path) as tmp:  # the .onnx appears complete or not at all
         _export(backbone, tmp, opset)
-        _fsync(tmp)
-        os.replace(tmp, path)  # the .onnx appears complete or not at all
     return path, True
 
 
@@ -388,29 +386,6 @@ def _export(backbone: Backbone, path: Path, opset: int) -> None:
             output_names=[_OUTPUT],
             dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
         )
-
-
-@contextlib.contextmanager
-def _temp_path(folder: Path, suffix: str) -> Any:
-    fd, name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with _temp_path(path.parent, path.suffix) as tmp:
-        tmp.write_bytes(data)
-        _fsync(tmp)
-        os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _file_sha256(path: Path) -> str:

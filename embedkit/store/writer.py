@@ -9,7 +9,6 @@ held by the one writer.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import fcntl
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .._fs import atomic_path, atomic_write_bytes
 from ..errors import InvalidArgumentError, StoreError, StoreLockedError, StoreMismatchError
 from .read import (
     FINGERPRINT_KEYS,
@@ -54,32 +54,6 @@ MAX_PARTS = 64
 HELD_LOCK_FDS: set[int] = set()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-        _fsync_file(path)
-
-
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _disk_error(exc: OSError, what: Path) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(
@@ -106,15 +80,11 @@ def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> i
         )
     store = open_store(path)
     table = store.table.cast(store_schema(store.dim, store.metadata))
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
     except OSError as exc:  # permission, full disk, read-only folder: nothing half-written stays
         raise StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return table.num_rows
 
 
@@ -312,7 +282,7 @@ class StoreWriter:
             }
         )
         try:
-            _atomic_write_bytes(self.path / HEAD_FILE, data)
+            atomic_write_bytes(self.path / HEAD_FILE, data)
         except OSError as exc:
             raise _disk_error(exc, self.path / HEAD_FILE) from None
 
@@ -341,15 +311,12 @@ class StoreWriter:
     def _write_part(self, table: pa.Table) -> dict[str, Any]:
         name = f"part-{self.version + 1:08d}-{uuid.uuid4().hex[:12]}.parquet"
         final = self.path / PARTS_DIR / name
-        tmp = final.with_name(f".{name}.tmp")
         try:
-            # Row groups of ~8k rows keep reads streaming-friendly; zstd shrinks metadata
-            # columns a lot and float vectors a little.
-            pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
-            _fsync_file(tmp)
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                # Row groups of ~8k rows keep reads streaming-friendly; zstd shrinks metadata
+                # columns a lot and float vectors a little.
+                pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _disk_error(exc, final) from None
         return {"file": f"{PARTS_DIR}/{name}", "rows": table.num_rows}
 
@@ -367,7 +334,7 @@ class StoreWriter:
         }
         data = json.dumps(manifest, indent=1, ensure_ascii=False, sort_keys=True).encode()
         try:
-            _atomic_write_bytes(self.path / MANIFEST, data)
+            atomic_write_bytes(self.path / MANIFEST, data)
         except OSError as exc:
             raise _disk_error(exc, self.path / MANIFEST) from None
         self._manifest = manifest
