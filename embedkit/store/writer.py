@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError, StoreLockedError, StoreMismatchError
+from .cache import drop_vectors
 from .read import (
     FINGERPRINT_KEYS,
     FORMAT_NAME,
@@ -38,7 +39,7 @@ from .read import (
     _read_parts,
     fingerprint_of,
     live_rows,
-    open_store,
+    live_table,
     read_manifest,
     storable,
     store_schema,
@@ -95,8 +96,8 @@ def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> i
 
     The file has the store schema and metadata, so pandas, duckdb or polars read it directly.
     """
-    store = open_store(path)
-    table = store.table.cast(store_schema(store.dim, store.metadata))
+    live, metadata = live_table(path)  # Parquet, the source of truth: never the vectors cache
+    table = live.cast(store_schema(int(metadata["dim"]), metadata))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -361,3 +362,4 @@ class StoreWriter:
         except OSError as exc:
             raise _disk_error(exc, self.path / MANIFEST) from None
         self._manifest = manifest
+        drop_vectors(self.path)  # stale now (readers would ignore it); frees its space
