@@ -523,3 +523,35 @@ def test_export_reads_parquet_not_the_cache(tmp_path):
     t = t.filter(pc.equal(t["status"], "ok"))
     got = np.stack([np.asarray(v, np.float32) for v in t["embedding"].to_pylist()])
     np.testing.assert_array_equal(got, want)
+
+
+class _CountingList(list):
+    iterations = 0
+
+    def __iter__(self):
+        type(self).iterations += 1
+        return super().__iter__()
+
+
+def test_labels_csv_by_path_across_roots_looks_up_without_scans(tmp_path):
+    from embedkit.classification.labels import labelled_features
+
+    s = _two_root_store(tmp_path / "s")
+    labels = tmp_path / "labels.csv"
+    rows = [
+        ("/r1/a.jpg", "x"),
+        ("/r2/a.jpg", "y"),
+        ("bad\\xffname.jpg", "x"),  # the stored (escaped) form
+        ("/r2/sub/../sub/b.jpg", "y"),
+        ("12345", "x"),
+        (str(s.ids[5]), "y"),  # a digit key is an id first
+        (str(s.ids[6]), "x"),  # its root/path is row 0's: only its id reaches it
+    ]
+    labels.write_text("path,label\n" + "".join(f"{k},{v}\n" for k, v in rows), encoding="utf-8")
+    _CountingList.iterations = 0
+    s.roots, s.paths = _CountingList(s.roots), _CountingList(s.paths)
+    data = labelled_features(s, labels)
+    assert list(data.labels) == ["x", "y", "x", "y", "x", "y", "x"]
+    # labelled_features lists the paths once and row_of builds its tables once; a scan per
+    # CSV line (the old row_of) iterates at least once per line.
+    assert _CountingList.iterations <= 4
