@@ -137,10 +137,14 @@ class Store:
     _where: tuple[list[str], np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _id_order: np.ndarray | None = field(default=None, repr=False)
     _sorted_ids: np.ndarray | None = field(default=None, repr=False)
-    # Lookup tables of row_of, built on its first call: id -> row, stored relative path -> row,
-    # os.path.join(root, path) -> row; each keeps the first row of a key, as a scan would.
+    # row_of's lookup tables: id -> row, stored relative path -> row, os.path.join(root, path)
+    # -> row, each keeping the first row of a key, as a scan would. Its first lookup is one
+    # pass over the rows instead (as cheap as building the tables, without their memory: a
+    # search by one stored path of a 10M-row store); the second builds them (a labels CSV:
+    # O(N + M), not O(N * M)).
     _by_id: dict[int, int] | None = field(default=None, repr=False)
     _by_path: tuple[dict[str, int], dict[str, int]] | None = field(default=None, repr=False)
+    _lookups: int = field(default=0, repr=False)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -208,37 +212,51 @@ class Store:
 
         An int (or a string of digits) is tried as an id first; a string then as a stored
         path (``storable`` form), relative or ``root/path``, the first such row winning, then
-        as ``os.path.abspath`` of it against ``root/path``. O(1) after the first call, which
-        builds the lookup tables (O(N)).
+        as ``os.path.abspath`` of it against ``root/path``. The first call is one O(N) pass;
+        later calls are O(1) dict lookups (the tables are built on the second).
         """
+        self._lookups += 1
+        tables = self._lookups > 1
+        found: int | None = None
         if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
-            if self._by_id is None:
-                # Reversed, so the first row of a repeated id wins, as in rows_of_ids.
-                rows = range(len(self.ids) - 1, -1, -1)
-                self._by_id = dict(zip(self.ids[::-1].tolist(), rows, strict=True))
-            found = self._by_id.get(int(key))
-            if found is not None:
-                return found
-        if isinstance(key, str):
-            key = storable(key)  # paths are stored in this form
-            rel, full = self._path_tables()
-            hits = [r for r in (rel.get(key), full.get(key)) if r is not None]
-            if hits:
-                return min(hits)
-            found = full.get(os.path.abspath(key))
-            if found is not None:
-                return found
-        raise StoreError(f"{storable(str(key))!r} is not an embedded row of store {self.path}")
+            found = self._row_of_id(int(key), tables)
+        if found is None and isinstance(key, str):
+            found = self._row_of_path(storable(key), tables)  # paths are stored in this form
+        if found is None:
+            raise StoreError(f"{storable(str(key))!r} is not an embedded row of store {self.path}")
+        return found
 
-    def _path_tables(self) -> tuple[dict[str, int], dict[str, int]]:
+    def _row_of_id(self, key: int, tables: bool) -> int | None:
+        if not tables:
+            hits = np.flatnonzero(self.ids == key)  # no match for ints outside int64
+            return int(hits[0]) if len(hits) else None
+        if self._by_id is None:
+            # Reversed, so the first row of a repeated id wins, as in rows_of_ids.
+            rows = range(len(self.ids) - 1, -1, -1)
+            self._by_id = dict(zip(self.ids[::-1].tolist(), rows, strict=True))
+        return self._by_id.get(key)
+
+    def _row_of_path(self, key: str, tables: bool) -> int | None:
+        absolute = os.path.abspath(key)
+        if not tables:
+            by_abspath = None
+            for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
+                full = os.path.join(root, path)
+                if key == path or key == full:
+                    return n
+                if by_abspath is None and absolute == full:
+                    by_abspath = n
+            return by_abspath
         if self._by_path is None:
             rel: dict[str, int] = {}
-            full: dict[str, int] = {}
+            full_: dict[str, int] = {}
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
                 rel.setdefault(path, n)
-                full.setdefault(os.path.join(root, path), n)
-            self._by_path = (rel, full)
-        return self._by_path
+                full_.setdefault(os.path.join(root, path), n)
+            self._by_path = (rel, full_)
+        rel, full_ = self._by_path
+        hits = [r for r in (rel.get(key), full_.get(key)) if r is not None]
+        return min(hits) if hits else full_.get(absolute)
 
     def head(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The backbone's ImageNet classifier (weight (C, D), bias (C,)), if it had one."""
