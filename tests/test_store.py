@@ -568,3 +568,19 @@ def test_labels_csv_by_path_across_roots_looks_up_without_scans(tmp_path):
     # labelled_features lists the paths once, row_of's first lookup is one pass and its
     # second builds the tables; a scan per CSV line (the old row_of) is one pass per line.
     assert _CountingList.iterations <= 3
+
+
+def test_a_mapped_store_outlives_the_commit_that_drops_its_cache(tmp_path):
+    from embedkit.store.cache import CACHE_FILE
+
+    p = _cached_store(tmp_path / "s")
+    _, want = _parquet_vectors(p)
+    open_store(p)
+    old = open_store(p)  # maps vectors.arrow
+    (p / f".{CACHE_FILE}.1.dead.tmp").write_bytes(b"a reader killed mid-write")
+    with StoreWriter(p, _meta()) as w:  # removes the dead reader's temp file
+        _add_ok(w, ["later.jpg"], np.ones((1, DIM), np.float32))
+        w.commit()  # and drops the cache: the mapped inode stays readable
+    assert not (p / CACHE_FILE).exists() and not list(p.glob(".*.tmp"))
+    np.testing.assert_array_equal(old.vectors, want)
+    assert len(open_store(p)) == len(want) + 1
