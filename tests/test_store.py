@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -199,3 +200,387 @@ def test_export_one_file_readable_by_pyarrow(tmp_path):
     assert t["path"].to_pylist() == names
     assert t.schema.field("embedding").type.list_size == DIM
     assert os.path.getsize(out) > 0
+
+
+# --- lookups by path and id -------------------------------------------------------------------
+
+
+def _scan_row_of(s, key):
+    """row_of as it was: linear scans (the reference the lookup tables must match)."""
+    from embedkit.store.read import storable
+
+    if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
+        hit = np.flatnonzero(s.ids == int(key))
+        if len(hit):
+            return int(hit[0])
+    if isinstance(key, str):
+        key = storable(key)
+        for n, (root, path) in enumerate(zip(s.roots, s.paths, strict=True)):
+            if key == path or key == os.path.join(root, path):
+                return n
+        absolute = os.path.abspath(key)
+        for n, (root, path) in enumerate(zip(s.roots, s.paths, strict=True)):
+            if absolute == os.path.join(root, path):
+                return n
+    raise StoreError(key)
+
+
+class _NoScan(list):
+    """A list that refuses to be iterated: a lookup that still scans the rows fails."""
+
+    def __iter__(self):
+        raise AssertionError("row_of scanned the rows")
+
+
+def _two_root_store(path):
+    # The same relative names under two roots, a non-UTF-8 name (surrogate escape, stored
+    # as \xff), a name made of digits, and a root whose join with a path is another row's
+    # relative path (a.jpg of root "" vs "x/a.jpg"): first-row-wins must hold across both.
+    rows = [
+        ("/r1", "a.jpg"),
+        ("/r2", "a.jpg"),
+        ("/r1", "bad\udcffname.jpg"),
+        ("/r2", "sub/b.jpg"),
+        ("/r1", "12345"),
+        ("/r1", "99999999999999999999"),
+        ("/r2", "/r1/a.jpg"),  # an absolute stored path: join(root, path) is the path itself
+    ]
+    with StoreWriter(path, _meta()) as w:
+        w.add(
+            ids=[row_id(r, p) for r, p in rows],
+            roots=[r for r, _ in rows],
+            paths=[p for _, p in rows],
+            status=["ok"] * len(rows),
+            embedding=np.arange(len(rows) * DIM, dtype=np.float32).reshape(-1, DIM),
+        )
+        w.commit()
+    return open_store(path)
+
+
+def test_row_of_tables_match_the_scan_across_roots_and_escapes(tmp_path, monkeypatch):
+    s = _two_root_store(tmp_path / "s")
+    keys = [
+        "a.jpg",
+        "/r1/a.jpg",
+        "/r2/a.jpg",
+        "bad\udcffname.jpg",  # as os.listdir gives it
+        "bad\\xffname.jpg",  # as stored
+        "/r1/bad\udcffname.jpg",
+        "sub/b.jpg",
+        "/r2/sub/../sub/b.jpg",  # only abspath finds it
+        "/r2//sub/b.jpg",
+        "12345",
+        s.ids[3],
+        int(s.ids[5]),
+        str(s.ids[6]),
+    ]
+    monkeypatch.chdir("/")
+    keys.append("r2/sub/b.jpg")  # relative to the working directory: abspath finds it
+    expected = [_scan_row_of(s, k) for k in keys]
+    assert expected[:3] == [0, 0, 1] and expected[3] == expected[4] == 2 and expected[-1] == 3
+    # A first lookup is one pass over the rows; later ones use the tables: both must agree.
+    assert [_fresh(s).row_of(k) for k in keys] == expected
+    s.row_of("a.jpg")
+    assert [s.row_of(k) for k in keys] == expected and s._by_path is not None
+    for missing in ["nope.jpg", "/r3/a.jpg", "b.jpg", 7, "7", -1, 2**70]:
+        for store in (_fresh(s), s):
+            with pytest.raises(StoreError, match="not an embedded row"):
+                store.row_of(missing)
+        with pytest.raises(StoreError):
+            _scan_row_of(s, missing)
+
+
+def _fresh(s):
+    import dataclasses
+
+    return dataclasses.replace(s, _by_id=None, _by_path=None, _lookups=0)
+
+
+def test_row_of_does_not_scan_per_lookup(tmp_path):
+    s = _two_root_store(tmp_path / "s")
+    s.row_of("a.jpg")  # one pass, no tables: a single lookup (search by a path) keeps no dicts
+    assert s._by_path is None and s._by_id is None
+    s.row_of("sub/b.jpg")  # the second builds the path tables
+    s.row_of(int(s.ids[0]))  # and the id table, at its first use after the first lookup
+    s.roots, s.paths = _NoScan(s.roots), _NoScan(s.paths)
+    assert s.row_of("/r2/a.jpg") == 1
+    assert s.row_of("/r2/sub/../sub/b.jpg") == 3
+    assert s.row_of(int(s.ids[4])) == 4 and s.row_of(str(s.ids[2])) == 2
+    with pytest.raises(StoreError):
+        s.row_of("missing.jpg")
+
+
+def test_row_of_a_digit_name_past_int64_is_a_path(tmp_path):
+    # It was int()-ed into an int64 array first, and raised OverflowError.
+    s = _two_root_store(tmp_path / "s")
+    assert s.row_of("99999999999999999999") == 5
+
+
+# --- the vectors cache ------------------------------------------------------------------------
+
+
+def _cached_store(path, n=6):
+    rng = np.random.default_rng(1)
+    with StoreWriter(path, _meta()) as w:
+        _add_ok(w, [f"{i}.jpg" for i in range(n)], rng.standard_normal((n, DIM)).astype("f4"))
+        w.add(
+            ids=[row_id("/r", "bad.jpg")],
+            roots=["/r"],
+            paths=["bad.jpg"],
+            status=["failed"],
+            reason=["unidentified"],
+        )
+        w.commit()
+        # A second part: one row superseded, one deleted.
+        _add_ok(w, ["1.jpg"], np.full((1, DIM), 7, np.float32))
+        w.add(ids=[row_id("/r", "2.jpg")], roots=["/r"], paths=["2.jpg"], status=["deleted"])
+        w.commit()
+    return path
+
+
+def _parquet_vectors(path):
+    from embedkit.store.read import live_table
+
+    t, _ = live_table(path)
+    t = t.filter(pc.equal(t["status"], "ok"))
+    return t["id"].to_numpy(), np.stack(
+        [np.asarray(v, np.float32) for v in t["embedding"].to_pylist()]
+    )
+
+
+def _is_mapped(x):
+    while getattr(x, "base", None) is not None and isinstance(x.base, np.ndarray):
+        x = x.base
+    return not x.flags.owndata
+
+
+def test_cache_equals_parquet_and_is_a_read_only_map(tmp_path):
+    from embedkit.store.cache import CACHE_FILE
+
+    p = _cached_store(tmp_path / "s")
+    ids, want = _parquet_vectors(p)
+    first = open_store(p)  # decodes Parquet, writes the cache
+    assert (p / CACHE_FILE).is_file()
+    second = open_store(p)  # maps it
+    for s in (first, second):
+        np.testing.assert_array_equal(s.ids, ids)
+        np.testing.assert_array_equal(s.vectors, want)
+        assert s.vectors.dtype == np.float32 and s.vectors.flags["C_CONTIGUOUS"]
+        assert not s.vectors.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            s.vectors[0, 0] = 1
+        assert "embedding" not in s.table.column_names
+    assert _is_mapped(second.vectors) and not _is_mapped(first.vectors)
+    lazy = open_store(p, vectors=False).vectors
+    np.testing.assert_array_equal(lazy, want)
+    assert not lazy.flags.writeable
+    assert not list(p.glob(".*.tmp"))
+
+
+def test_warm_read_does_not_decode_parquet(tmp_path, monkeypatch):
+    from embedkit.store.read import Store
+
+    p = _cached_store(tmp_path / "s")
+    _, want = _parquet_vectors(p)
+    open_store(p)
+
+    def no_parquet(*a, **k):
+        raise AssertionError("vectors decoded from Parquet despite a valid cache")
+
+    monkeypatch.setattr(Store, "vectors_at", no_parquet)
+    np.testing.assert_array_equal(open_store(p).vectors, want)
+
+
+@pytest.mark.parametrize("change", ["add", "supersede", "delete", "compact"])
+def test_commits_invalidate_the_cache(tmp_path, change):
+    from embedkit.store.cache import CACHE_FILE, cache_key, load_vectors
+    from embedkit.store.read import read_manifest
+
+    p = _cached_store(tmp_path / "s")
+    open_store(p)
+    stale = (p / CACHE_FILE).read_bytes()
+    with StoreWriter(p, _meta()) as w:
+        if change == "add":
+            _add_ok(w, ["new.jpg"], np.full((1, DIM), 3, np.float32))
+        elif change == "supersede":
+            # the last live row: the ids keep their order, only the version tells
+            _add_ok(w, ["1.jpg"], np.full((1, DIM), 4, np.float32))
+        elif change == "delete":
+            w.add(ids=[row_id("/r", "3.jpg")], roots=["/r"], paths=["3.jpg"], status=["deleted"])
+        if change == "compact":
+            w.compact()
+        else:
+            w.commit()
+    assert not (p / CACHE_FILE).exists()  # the writer dropped it
+    # A reader that read the old manifest could still put the old cache back: never used.
+    (p / CACHE_FILE).write_bytes(stale)
+    ids, want = _parquet_vectors(p)
+    s = open_store(p)
+    np.testing.assert_array_equal(s.ids, ids)
+    np.testing.assert_array_equal(s.vectors, want)
+    # ... and rebuilt for the new manifest.
+    manifest = read_manifest(p)
+    assert load_vectors(p, manifest, ids) is not None
+    assert (p / CACHE_FILE).read_bytes() != stale
+    assert cache_key(manifest)["version"] == s.version
+
+
+def test_a_cache_with_other_ids_is_ignored(tmp_path):
+    from embedkit.store.cache import save_vectors
+    from embedkit.store.read import read_manifest
+
+    p = _cached_store(tmp_path / "s")
+    ids, want = _parquet_vectors(p)
+    # The right key but another row order: matching the manifest is not enough.
+    save_vectors(p, read_manifest(p), ids[::-1].copy(), want[::-1] + 1)
+    np.testing.assert_array_equal(open_store(p).vectors, want)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "tail"])
+def test_a_corrupt_cache_is_ignored_and_rebuilt(tmp_path, damage):
+    from embedkit.store.cache import CACHE_FILE, load_vectors
+    from embedkit.store.read import read_manifest
+
+    p = _cached_store(tmp_path / "s")
+    ids, want = _parquet_vectors(p)
+    open_store(p)
+    f = p / CACHE_FILE
+    data = f.read_bytes()
+    bad = {
+        "truncate": data[: len(data) // 2],
+        "garbage": os.urandom(len(data)),
+        "empty": b"",
+        "tail": data[:-40] + os.urandom(40),  # the footer that locates the batch
+    }[damage]
+    f.write_bytes(bad)
+    s = open_store(p)
+    np.testing.assert_array_equal(s.vectors, want)
+    assert f.read_bytes() != bad
+    assert load_vectors(p, read_manifest(p), ids) is not None
+
+
+def test_a_read_only_store_opens_without_a_cache(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from embedkit.store.cache import CACHE_FILE
+
+    p = _cached_store(tmp_path / "s")
+    _, want = _parquet_vectors(p)
+    if os.geteuid() == 0:  # root writes through file modes: refuse the write as EROFS would
+
+        def refuse(*a, **k):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(pa, "OSFile", refuse)
+    p.chmod(0o555)
+    try:
+        s = open_store(p)
+        np.testing.assert_array_equal(s.vectors, want)
+        assert not (p / CACHE_FILE).exists() and not list(p.glob(".*.tmp"))
+    finally:
+        p.chmod(0o755)
+
+
+def test_lazy_open_never_touches_the_cache(tmp_path, monkeypatch):
+    import embedkit.store.cache as cache_mod
+    from embedkit.store.cache import CACHE_FILE
+
+    p = _cached_store(tmp_path / "s")
+    _, want = _parquet_vectors(p)
+
+    def untouchable(*a, **k):
+        raise AssertionError("the lazy path used the vectors cache")
+
+    monkeypatch.setattr(cache_mod, "load_vectors", untouchable)
+    monkeypatch.setattr(cache_mod, "save_vectors", untouchable)
+    s = open_store(p, vectors=False)
+    np.testing.assert_array_equal(s.vectors_at([2, 0]), want[[2, 0]])
+    np.testing.assert_array_equal(s.vectors, want)
+    assert not (p / CACHE_FILE).exists()
+
+
+def test_concurrent_first_readers_agree(tmp_path):
+    from embedkit.store.cache import CACHE_FILE, load_vectors
+    from embedkit.store.read import read_manifest
+
+    p = _cached_store(tmp_path / "s", n=400)
+    ids, want = _parquet_vectors(p)
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from embedkit.store.read import open_store
+        x = open_store({str(p)!r}).vectors
+        print(float(np.asarray(x, np.float64).sum()))
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    sums = [float(pr.communicate()[0]) for pr in procs]
+    assert all(pr.returncode == 0 for pr in procs)
+    assert sums == [float(want.astype(np.float64).sum())] * 4
+    assert (p / CACHE_FILE).is_file() and not list(p.glob(".*.tmp"))
+    np.testing.assert_array_equal(load_vectors(p, read_manifest(p), ids), want)
+
+
+def test_export_reads_parquet_not_the_cache(tmp_path):
+    from embedkit.store.cache import save_vectors
+    from embedkit.store.read import read_manifest
+
+    p = _cached_store(tmp_path / "s")
+    ids, want = _parquet_vectors(p)
+    # A cache that matches key and ids but not the data (flipped bytes are not detected):
+    # the export must still write what Parquet holds.
+    save_vectors(p, read_manifest(p), ids, want + 100)
+    export_store(p, tmp_path / "out.parquet")
+    t = pq.read_table(tmp_path / "out.parquet")
+    t = t.filter(pc.equal(t["status"], "ok"))
+    got = np.stack([np.asarray(v, np.float32) for v in t["embedding"].to_pylist()])
+    np.testing.assert_array_equal(got, want)
+
+
+class _CountingList(list):
+    iterations = 0
+
+    def __iter__(self):
+        type(self).iterations += 1
+        return super().__iter__()
+
+
+def test_labels_csv_by_path_across_roots_looks_up_without_scans(tmp_path):
+    from embedkit.classification.labels import labelled_features
+
+    s = _two_root_store(tmp_path / "s")
+    labels = tmp_path / "labels.csv"
+    rows = [
+        ("/r1/a.jpg", "x"),
+        ("/r2/a.jpg", "y"),
+        ("bad\\xffname.jpg", "x"),  # the stored (escaped) form
+        ("/r2/sub/../sub/b.jpg", "y"),
+        ("12345", "x"),
+        (str(s.ids[5]), "y"),  # a digit key is an id first
+        (str(s.ids[6]), "x"),  # its root/path is row 0's: only its id reaches it
+    ]
+    labels.write_text("path,label\n" + "".join(f"{k},{v}\n" for k, v in rows), encoding="utf-8")
+    _CountingList.iterations = 0
+    s.paths = _CountingList(s.paths)
+    data = labelled_features(s, labels)
+    assert list(data.labels) == ["x", "y", "x", "y", "x", "y", "x"]
+    # labelled_features lists the paths once, row_of's first lookup is one pass and its
+    # second builds the tables; a scan per CSV line (the old row_of) is one pass per line.
+    assert _CountingList.iterations <= 3
+
+
+def test_a_mapped_store_outlives_the_commit_that_drops_its_cache(tmp_path):
+    from embedkit.store.cache import CACHE_FILE
+
+    p = _cached_store(tmp_path / "s")
+    _, want = _parquet_vectors(p)
+    open_store(p)
+    old = open_store(p)  # maps vectors.arrow
+    (p / f".{CACHE_FILE}.1.dead.tmp").write_bytes(b"a reader killed mid-write")
+    with StoreWriter(p, _meta()) as w:  # removes the dead reader's temp file
+        _add_ok(w, ["later.jpg"], np.ones((1, DIM), np.float32))
+        w.commit()  # and drops the cache: the mapped inode stays readable
+    assert not (p / CACHE_FILE).exists() and not list(p.glob(".*.tmp"))
+    np.testing.assert_array_equal(old.vectors, want)
+    assert len(open_store(p)) == len(want) + 1

@@ -6,6 +6,8 @@ A store is a directory::
     STORE/parts/part-*.parquet  immutable part files; one not named by the manifest is garbage
     STORE/head.safetensors      the backbone's ImageNet classifier, when it has one
     STORE/.lock                 flock held by the one writer
+    STORE/vectors.arrow         derived, optional: the live vectors for memory-mapped reads
+                                (``store.cache``; written by readers, deleted by commits)
 
 Every part has the same schema (``store_schema(dim)``). The live view is the last row per
 ``id`` across parts in manifest order, minus rows whose status is ``deleted``. A reader only
@@ -30,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
+from . import cache
 
 FORMAT_NAME = "embedkit-store"
 FORMAT_VERSION = 1
@@ -67,9 +70,6 @@ def store_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
     ]
     md = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata else None
     return pa.schema(fields, metadata=md)
-
-
-COLUMNS = tuple(store_schema(1).names)
 
 
 def storable(text: str) -> str:
@@ -113,12 +113,13 @@ class Store:
 
     Attributes:
         path: the store directory.
-        table: every live row (ok and failed), in commit order; without the embedding column
-            when the store was opened with ``vectors=False``.
+        table: every live row (ok and failed), in commit order, without the embedding column
+            (the vectors are ``vectors``; ``live_table`` reads the full rows for an export).
         ids: int64 (N,) ids of the ok rows, aligned with ``vectors``.
-        vectors: C-contiguous float32 (N, D) embeddings of the ok rows. With
-            ``open_store(..., vectors=False)`` they are read on first access; ``vectors_at``
-            reads single rows without loading them all.
+        vectors: C-contiguous, read-only float32 (N, D) embeddings of the ok rows; usually a
+            memory map of ``STORE/vectors.arrow`` (see ``store.cache``), so copy before
+            writing into them. With ``open_store(..., vectors=False)`` they are read from
+            Parquet on first access; ``vectors_at`` reads single rows without loading them all.
         metadata: the store metadata (model, weights, preprocessing, versions, ...).
         version: the manifest version; increases with every commit.
     """
@@ -135,11 +136,22 @@ class Store:
     # Where each ok row lives: (part file, row in that part), for reads of a few vectors.
     _where: tuple[list[str], np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _id_order: np.ndarray | None = field(default=None, repr=False)
+    _sorted_ids: np.ndarray | None = field(default=None, repr=False)
+    # row_of's lookup tables: id -> row, stored relative path -> row, os.path.join(root, path)
+    # -> row, each keeping the first row of a key, as a scan would. Its first lookup is one
+    # pass over the rows instead (as cheap as building the tables, without their memory: a
+    # search by one stored path of a 10M-row store); the second builds them (a labels CSV:
+    # O(N + M), not O(N * M)).
+    _by_id: dict[int, int] | None = field(default=None, repr=False)
+    _by_path: tuple[dict[str, int], dict[str, int]] | None = field(default=None, repr=False)
+    _lookups: int = field(default=0, repr=False)
 
     @property
     def vectors(self) -> np.ndarray:
-        if self._vectors is None:
-            self._vectors = self.vectors_at(np.arange(len(self.ids)))
+        if self._vectors is None:  # opened with vectors=False: from Parquet, not the cache
+            x = self.vectors_at(np.arange(len(self.ids)))
+            x.flags.writeable = False  # as open_store's (usually memory-mapped) vectors
+            self._vectors = x
         return self._vectors
 
     def vectors_at(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -147,7 +159,7 @@ class Store:
         rows = np.asarray(rows, dtype=np.int64)
         if self._vectors is not None:
             return np.ascontiguousarray(self._vectors[rows])
-        assert self._where is not None  # opened with vectors=False
+        assert self._where is not None  # open_store sets it
         files, part_of, row_in_part = self._where
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for part in np.unique(part_of[rows]):
@@ -163,12 +175,13 @@ class Store:
 
     def rows_of_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row of each id in the ok arrays, -1 for ids not stored (no dict: O(N) int64s)."""
-        if self._id_order is None:
+        if self._id_order is None or self._sorted_ids is None:
             self._id_order = np.argsort(self.ids, kind="stable")
+            self._sorted_ids = self.ids[self._id_order]
         want = np.asarray(ids, dtype=np.int64)
         if len(self.ids) == 0:
             return np.full(len(want), -1, dtype=np.int64)
-        sorted_ids = self.ids[self._id_order]
+        sorted_ids = self._sorted_ids
         pos = np.clip(np.searchsorted(sorted_ids, want), 0, len(sorted_ids) - 1)
         return np.where(sorted_ids[pos] == want, self._id_order[pos], -1)
 
@@ -195,21 +208,55 @@ class Store:
         return len(self.ids)
 
     def row_of(self, key: int | str) -> int:
-        """Row in the ok arrays for an id, a stored relative path, or an absolute path."""
+        """Row in the ok arrays for an id, a stored relative path, or an absolute path.
+
+        An int (or a string of digits) is tried as an id first; a string then as a stored
+        path (``storable`` form), relative or ``root/path``, the first such row winning, then
+        as ``os.path.abspath`` of it against ``root/path``. The first call is one O(N) pass;
+        later calls are O(1) dict lookups (the tables are built on the second).
+        """
+        self._lookups += 1
+        tables = self._lookups > 1
+        found: int | None = None
         if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
-            row = int(self.rows_of_ids([int(key)])[0])
-            if row >= 0:
-                return row
-        if isinstance(key, str):
-            key = storable(key)  # paths are stored in this form
+            found = self._row_of_id(int(key), tables)
+        if found is None and isinstance(key, str):
+            found = self._row_of_path(storable(key), tables)  # paths are stored in this form
+        if found is None:
+            raise StoreError(f"{storable(str(key))!r} is not an embedded row of store {self.path}")
+        return found
+
+    def _row_of_id(self, key: int, tables: bool) -> int | None:
+        if not tables:
+            hits = np.flatnonzero(self.ids == key)  # no match for ints outside int64
+            return int(hits[0]) if len(hits) else None
+        if self._by_id is None:
+            # Reversed, so the first row of a repeated id wins, as in rows_of_ids.
+            rows = range(len(self.ids) - 1, -1, -1)
+            self._by_id = dict(zip(self.ids[::-1].tolist(), rows, strict=True))
+        return self._by_id.get(key)
+
+    def _row_of_path(self, key: str, tables: bool) -> int | None:
+        absolute = os.path.abspath(key)
+        if not tables:
+            by_abspath = None
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
-                if key == path or key == os.path.join(root, path):
+                full = os.path.join(root, path)
+                if key == path or key == full:
                     return n
-            absolute = os.path.abspath(key)
+                if by_abspath is None and absolute == full:
+                    by_abspath = n
+            return by_abspath
+        if self._by_path is None:
+            rel: dict[str, int] = {}
+            full_: dict[str, int] = {}
             for n, (root, path) in enumerate(zip(self.roots, self.paths, strict=True)):
-                if absolute == os.path.join(root, path):
-                    return n
-        raise StoreError(f"{storable(str(key))!r} is not an embedded row of store {self.path}")
+                rel.setdefault(path, n)
+                full_.setdefault(os.path.join(root, path), n)
+            self._by_path = (rel, full_)
+        rel, full_ = self._by_path
+        hits = [r for r in (rel.get(key), full_.get(key)) if r is not None]
+        return min(hits) if hits else full_.get(absolute)
 
     def head(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The backbone's ImageNet classifier (weight (C, D), bias (C,)), if it had one."""
@@ -328,19 +375,7 @@ def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
 
 
-def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
-    """Read the committed live view of a store.
-
-    Args:
-        path: the store directory.
-        vectors: load every vector now (default). ``False`` reads the other columns only, and
-            ``Store.vectors`` / ``Store.vectors_at`` read vectors when asked: what search
-            needs for a store whose vectors do not fit in memory.
-
-    Raises:
-        StoreError: the directory is not a store, or a part file is damaged.
-    """
-    p = Path(path).expanduser()
+def _committed_manifest(p: Path) -> dict[str, Any]:
     if not p.exists():
         raise StoreError(
             f"store {p} does not exist; create it with `embedkit extract SRC --store {p}`"
@@ -350,23 +385,56 @@ def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
         raise StoreError(
             f"{p} is not an embedkit store yet (no {MANIFEST}); run `embedkit extract`"
         )
-    table = live_rows(_read_parts(p, manifest, vectors))
+    return manifest
+
+
+def live_table(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """The live view with every column, embeddings included, from the Parquet parts (what an
+    export writes), and the store metadata. Raises like ``open_store``."""
+    p = Path(path).expanduser()
+    manifest = _committed_manifest(p)
+    return live_rows(_read_parts(p, manifest)), manifest["metadata"]
+
+
+def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
+    """Read the committed live view of a store.
+
+    Args:
+        path: the store directory.
+        vectors: load every vector now (default): a memory map of the store's vectors cache
+            when it matches the manifest, else decoded from Parquet (and the cache written
+            for the next reader, when the directory is writable; see ``store.cache``).
+            ``False`` reads the other columns only and never touches the cache;
+            ``Store.vectors`` / ``Store.vectors_at`` then read Parquet when asked: what
+            search needs for a store whose vectors do not fit in memory.
+
+    Raises:
+        StoreError: the directory is not a store, or a part file is damaged.
+    """
+    p = Path(path).expanduser()
+    manifest = _committed_manifest(p)
+    # The other columns always come from Parquet; the vectors are the expensive part.
+    table = live_rows(_read_parts(p, manifest, vectors=False))
     ok = table.filter(pc.equal(table["status"], STATUS_OK))
-    metadata = manifest["metadata"]
-    where = None
-    if not vectors:
-        files = [part["file"] for part in manifest["parts"]]
-        where = (files, ok[_PART].to_numpy(), ok[_ROW].to_numpy())
-        table = table.drop_columns([_PART, _ROW])
-    return Store(
+    files = [part["file"] for part in manifest["parts"]]
+    store = Store(
         path=p,
-        table=table,
+        table=table.drop_columns([_PART, _ROW]),
         ids=ok["id"].to_numpy().astype(np.int64, copy=False),
-        _vectors=vectors_of(ok, int(metadata["dim"])) if vectors else None,
-        _where=where,
-        metadata=metadata,
+        _vectors=None,
+        _where=(files, ok[_PART].to_numpy(), ok[_ROW].to_numpy()),
+        metadata=manifest["metadata"],
         version=int(manifest["version"]),
         paths=ok["path"].to_pylist(),
         roots=ok["root"].to_pylist(),
         hashes=ok["content_hash"].to_pylist(),
     )
+    if vectors:
+        x = cache.load_vectors(p, manifest, store.ids)
+        if x is None:
+            x = store.vectors_at(np.arange(len(store)))
+            if len(x):
+                cache.save_vectors(p, manifest, store.ids, x)
+            x.flags.writeable = False  # the same contract whether or not it came from the map
+        store._vectors = x
+    return store

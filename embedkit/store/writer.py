@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from .._fs import atomic_path, atomic_write_bytes
 from ..errors import InvalidArgumentError, StoreError, StoreLockedError, StoreMismatchError
+from .cache import drop_vectors
 from .read import (
     FINGERPRINT_KEYS,
     FORMAT_NAME,
@@ -38,7 +39,7 @@ from .read import (
     _read_parts,
     fingerprint_of,
     live_rows,
-    open_store,
+    live_table,
     read_manifest,
     storable,
     store_schema,
@@ -78,8 +79,8 @@ def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> i
         raise InvalidArgumentError(
             f"folder {out.parent} does not exist; create it first or write elsewhere"
         )
-    store = open_store(path)
-    table = store.table.cast(store_schema(store.dim, store.metadata))
+    live, metadata = live_table(path)  # Parquet, the source of truth: never the vectors cache
+    table = live.cast(store_schema(int(metadata["dim"]), metadata))
     try:
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
@@ -338,3 +339,4 @@ class StoreWriter:
         except OSError as exc:
             raise _disk_error(exc, self.path / MANIFEST) from None
         self._manifest = manifest
+        drop_vectors(self.path)  # stale now (readers would ignore it); frees its space
