@@ -30,6 +30,7 @@ _EXPORTS = {
     "EmbedkitError": "errors",
     "ExtractSummary": "extraction.run",
     "FAILURE_REASONS": "images.decode",
+    "ImageFileError": "errors",
     "Index": "index.ram",
     "IndexStateError": "errors",
     "InvalidArgumentError": "errors",
@@ -56,6 +57,7 @@ _EXPORTS = {
     "knn_evaluate": "classification.knn",
     "list_models": "models.backbone",
     "load_backbone": "models.backbone",
+    "load_model_input": "images.model_input",
     "load_probe": "classification.probe",
     "open_index": "index.lifecycle",
     "open_rgb": "images.decode",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
     from .classification.train import train_probe, train_store_probe
     from .errors import (
         EmbedkitError,
+        ImageFileError,
         IndexStateError,
         InvalidArgumentError,
         ProbeError,
@@ -88,6 +91,7 @@ if TYPE_CHECKING:
     from .extraction.embed import backbone_for_store, embed
     from .extraction.run import ExtractSummary, extract
     from .images.decode import FAILURE_REASONS, open_rgb
+    from .images.model_input import load_model_input
     from .images.move import undo_moves
     from .images.sources import find_images
     from .index.choice import choose_index_key
@@ -148,6 +152,7 @@ __all__ = [
     "Backbone",
     "EmbedkitError",
     "ExtractSummary",
+    "ImageFileError",
     "Index",
     "IndexStateError",
     "InvalidArgumentError",
@@ -174,6 +179,7 @@ __all__ = [
     "index_store",
     "list_models",
     "load_backbone",
+    "load_model_input",
     "load_probe",
     "open_index",
     "open_rgb",

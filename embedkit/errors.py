@@ -45,3 +45,18 @@ class IndexLockedError(IndexStateError):
 
 class ProbeError(EmbedkitError):
     """A probe cannot be trained, loaded or applied (bad labels, model mismatch, ...)."""
+
+
+class ImageFileError(EmbedkitError):
+    """An image file given to ``embed``, ``search``, ``classify`` or ``probe predict`` cannot be
+    decoded. ``reason`` is the failure reason extraction would record for the same file (one of
+    ``embedkit.FAILURE_REASONS``), ``detail`` the decoder's own words."""
+
+    def __init__(self, path: str, reason: str, detail: str) -> None:
+        super().__init__(
+            f"cannot use image {path}: {reason} ({detail}); extraction would record this file "
+            f"as failed with reason {reason}. Pass a readable JPEG, PNG, GIF, WebP, TIFF or BMP"
+        )
+        self.path = path
+        self.reason = reason
+        self.detail = detail

@@ -18,7 +18,6 @@ import pytest
 from conftest import TINY, make_photo, tree_mtime_bump
 from PIL import Image
 
-import embedkit.extraction.pool
 from embedkit.errors import InvalidArgumentError, StoreLockedError, StoreMismatchError
 from embedkit.extraction.embed import embed
 from embedkit.extraction.run import extract
@@ -197,15 +196,17 @@ def test_bad_arguments(photo_dir, tmp_path):
 
 def test_decoder_crash_costs_one_file(photo_dir, tmp_path, monkeypatch):
     """A worker that dies (like a segfault in a codec) fails that file only."""
-    real = embedkit.extraction.pool.open_rgb
+    import embedkit.images.model_input as model_input
+
+    real = model_input.open_rgb
 
     def crashing(data, **kw):
         if isinstance(data, bytes) and data.startswith(b"CRASH"):
             os._exit(139)
         return real(data, **kw)
 
-    # inherited by forked workers
-    monkeypatch.setattr(embedkit.extraction.pool, "open_rgb", crashing)
+    # inherited by forked workers; load_model_input (what workers call) decodes with open_rgb
+    monkeypatch.setattr(model_input, "open_rgb", crashing)
     (photo_dir / "boom.jpg").write_bytes(b"CRASH" + b"\0" * 100)
     s = _extract(photo_dir, tmp_path / "s", workers=2)
     assert s.embedded == 7 and dict(s.failed) == {"decode_crash": 1}

@@ -111,27 +111,19 @@ def rank_top_k(
     ]
 
 
-def open_image_files(paths: Sequence[str | Path]) -> list[Any]:
-    """Decode image files to RGB PIL images, the way extraction decodes them."""
-    from ..images.decode import ImageDecodeError, open_rgb
-
-    out = []
-    for p in paths:
-        try:
-            out.append(open_rgb(p).image)
-        except ImageDecodeError as exc:
-            raise InvalidArgumentError(f"cannot read image {p} ({exc}); pass image files") from None
-    return out
-
-
 def embed_image_files(
     store: Store, paths: Sequence[str | Path], *, normalize: bool, device: str = "auto"
 ) -> np.ndarray:
-    """Embed image files exactly like the store's extraction did (same model and weights)."""
+    """Embed image files exactly like the store's extraction did: the same decode
+    (``load_model_input``, JPEG draft rule included), model and weights.
+
+    Raises:
+        ImageFileError: a file cannot be decoded, with the reason extraction would record.
+    """
     from ..extraction.embed import backbone_for_store, embed
 
     backbone = backbone_for_store(store, device=device)
-    return embed(open_image_files(paths), model=backbone, normalize=normalize)
+    return embed(list(paths), model=backbone, normalize=normalize)
 
 
 def _imagenet_names(n_classes: int) -> list[str]:

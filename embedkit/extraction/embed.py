@@ -1,21 +1,23 @@
-"""Embed in-memory images, and reload the exact model a store was made with."""
+"""Embed image files and in-memory images, and reload the exact model a store was made with."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import StoreMismatchError, WeightsUnavailableError
-from ..images.decode import rgb_from_pil
+from ..errors import ImageFileError, StoreMismatchError, WeightsUnavailableError
+from ..images.decode import ImageDecodeError, rgb_from_pil
+from ..images.model_input import load_model_input
 from ..models.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from ..store.read import l2_normalize
+from ..store.read import l2_normalize, storable
 
 if TYPE_CHECKING:
+    from ..models.preprocess import Preprocess
     from ..store.read import Store
 
 
@@ -37,8 +39,36 @@ def forward_batches(
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
+ImageInput = Image.Image | str | os.PathLike[str]
+
+
+def model_inputs(images: Iterable[ImageInput], preprocess: Preprocess) -> Iterator[np.ndarray]:
+    """uint8 input crops for PIL images and image files, in order.
+
+    A file goes through ``load_model_input``, exactly as extraction decodes it (same reads,
+    allowlist, pixel cap, EXIF handling, JPEG draft rule), so it gets its stored vector. A PIL
+    image is already decoded: it gets the same RGB treatment (``rgb_from_pil``) at full
+    size; for a JPEG large enough to be draft-decoded (6x the model's resize target and up)
+    that differs from the stored vector by cosine >= 0.999 (benchmarks/RESULTS.md, ``draft``).
+
+    Raises:
+        ImageFileError: a file or image cannot be decoded, with the reason extraction records.
+    """
+    for im in images:
+        if isinstance(im, Image.Image):
+            try:
+                yield preprocess.to_uint8(rgb_from_pil(im))
+            except ImageDecodeError as exc:
+                raise ImageFileError(repr(im), exc.reason, exc.detail) from None
+            continue
+        try:
+            yield load_model_input(im, preprocess).pixels
+        except ImageDecodeError as exc:
+            raise ImageFileError(storable(os.fspath(im)), exc.reason, exc.detail) from None
+
+
 def embed(
-    images: Iterable[Image.Image],
+    images: Iterable[ImageInput] | ImageInput,
     model: str | Backbone = DEFAULT_MODEL,
     *,
     weights: str | os.PathLike[str] | None = None,
@@ -47,13 +77,14 @@ def embed(
     device: str = "auto",
     normalize: bool = False,
 ) -> np.ndarray:
-    """Embed PIL images with a backbone, exactly as ``extract`` embeds files.
+    """Embed image files and PIL images with a backbone, exactly as ``extract`` embeds files.
 
-    Images get the same treatment as decoded files (EXIF orientation, mode conversion, alpha
-    flattening, first frame) and the model's own preprocessing.
+    A file path gives the very vector ``extract`` stores for that file. PIL images get the same
+    treatment as decoded files (EXIF orientation, mode conversion, alpha flattening, first
+    frame) and the model's own preprocessing, at full size (see ``model_inputs``).
 
     Args:
-        images: PIL images, any mode.
+        images: image file paths and PIL images (any mode), mixed freely; or just one.
         model: a preset or timm model name, or a loaded ``Backbone``.
         weights: weights file, when ``model`` is a name.
         random_init: use random weights on purpose (never a silent fallback).
@@ -63,16 +94,18 @@ def embed(
 
     Returns:
         float32 array of shape (N, D).
+
+    Raises:
+        ImageFileError: an image cannot be decoded; ``reason`` is extraction's reason for it.
     """
     backbone = (
         model
         if isinstance(model, Backbone)
         else load_backbone(model, weights=weights, random_init=random_init, device=device)
     )
-    pp = backbone.preprocess
-    vectors = forward_batches(
-        backbone, (pp.to_uint8(rgb_from_pil(im)) for im in images), batch_size
-    )
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]  # one image, not an iterable of path characters
+    vectors = forward_batches(backbone, model_inputs(images, backbone.preprocess), batch_size)
     return l2_normalize(vectors) if normalize else vectors
 
 

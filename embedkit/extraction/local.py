@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 import numpy as np
@@ -148,7 +148,6 @@ class LocalEngine:
             threads = getattr(self.model, "threads", 1)
             self._model_s.append((time.perf_counter() - t0) * threads / len(results))
         # Drop the pixels: they are not needed past this point and a batch of them is MBs.
-        slim = [
-            Decoded(r.status, r.content_hash, None, r.width, r.height, r.n_frames) for r in results
-        ]
+        # (replace keeps everything else, e.g. the decode warnings an ok row records in detail)
+        slim = [replace(r, pixels=None) for r in results]
         return Chunk(keys, slim, vectors)

@@ -1,7 +1,8 @@
 """Decoding in worker processes, so a crashing decoder costs one file, not the run.
 
-Workers read a file, hash it, decode it (``images.open_rgb``, JPEG draft decoding on) and
-apply the model's resize + crop (``Preprocess.to_uint8``). They return small uint8 arrays; the
+Workers read a file, hash it and turn it into the model's input crop with
+``images.model_input.load_model_input``, the same function every query path uses (JPEG draft
+rule, resize + crop). They return small uint8 arrays; the
 model process does the rest on whole batches. When a worker dies (a segfault in a codec, the
 OOM killer), the files that were in flight are retried one at a time in a fresh pool, and the
 one that kills it again is recorded as ``decode_crash``.
@@ -11,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import itertools
 import multiprocessing as mp
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,7 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..images.decode import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageDecodeError, open_rgb
+from ..images.decode import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    content_hash,
+    read_image_file,
+    warnings_detail,
+)
+from ..images.model_input import load_model_input
 from ..models.preprocess import Preprocess
 from ..store import writer as store_writer
 
@@ -54,46 +60,35 @@ _KNOWN_HASHES: frozenset[str] = frozenset()
 def decode_file(
     abspath: str, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Decoded:
-    """Read, hash and decode one file; never raises for a bad file."""
+    """Read, hash and decode one file (``images.load_model_input``); never raises for a bad
+    file. A file whose hash is in ``_KNOWN_HASHES`` is hashed only, not decoded."""
     t0 = time.perf_counter()
+    digest: str | None = None
     try:
-        # O_NONBLOCK: a file swapped for a named pipe since the scan must not block the open.
-        fd = os.open(abspath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return Decoded("failed", None, reason="not_a_file", detail="not a regular file")
-            if st.st_size > MAX_FILE_BYTES:
-                return Decoded(
-                    "failed",
-                    None,
-                    reason="too_large",
-                    detail=f"{st.st_size / 2**30:.1f} GiB; no image under the pixel cap is "
-                    f"over {MAX_FILE_BYTES / 2**30:.0f} GiB",
-                )
-            data = f.read()
-    except PermissionError:
-        return Decoded("failed", None, reason="permission_denied", detail="permission denied")
-    except FileNotFoundError:
-        return Decoded("failed", None, reason="not_found", detail="file vanished during the run")
-    except IsADirectoryError:
-        return Decoded("failed", None, reason="unidentified", detail="is a directory")
-    except OSError as exc:
-        return Decoded("failed", None, reason="decode_error", detail=f"read failed: {exc}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest in _KNOWN_HASHES:
-        return Decoded("reuse", digest)
-    try:
-        img = open_rgb(data, max_pixels=max_pixels, draft_size=preprocess.draft_size)
-        pixels = preprocess.to_uint8(img.image)
+        data = read_image_file(abspath)
+        digest = content_hash(data)
+        if digest in _KNOWN_HASHES:
+            return Decoded("reuse", digest)
+        mi = load_model_input(data, preprocess, max_pixels=max_pixels, digest=digest)
     except ImageDecodeError as exc:
         return Decoded("failed", digest, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one file, not the run
         return Decoded(
-            "failed", digest, reason="decode_error", detail=f"{type(exc).__name__}: {exc}"
+            "failed",
+            digest,
+            reason="decode_error",
+            detail=f"{type(exc).__name__}: {exc}",
         )
     return Decoded(
-        "ok", digest, pixels, img.width, img.height, img.n_frames, seconds=time.perf_counter() - t0
+        "ok",
+        digest,
+        mi.pixels,
+        mi.width,
+        mi.height,
+        mi.n_frames,
+        # Non-fatal problems (corrupt EXIF, unreadable trailing chunks) stay with the row.
+        detail=warnings_detail(mi.warnings),
+        seconds=time.perf_counter() - t0,
     )
 
 

@@ -1,15 +1,20 @@
 """Decoding one image safely to RGB.
 
-``open_rgb`` decodes one file to an RGB ``DecodedImage`` (EXIF orientation applied, first
-frame only, alpha flattened, high bit depths range-scaled) or raises ``ImageDecodeError`` with
-a reason from ``FAILURE_REASONS``. Per-file problems never raise anything else, so one hostile
-file cannot stop a run. Finding the files to decode is ``embedkit.sources``, which shares
-``IMAGE_SUFFIXES``, ``FAILURE_REASONS`` and ``_describe`` from here.
+``read_image_file`` reads one file whole (refusing pipes, folders and oversized files);
+``open_rgb`` decodes a file or its bytes to an RGB ``DecodedImage`` (EXIF orientation applied,
+first frame only, alpha flattened, high bit depths range-scaled, optional JPEG draft) or raises
+``ImageDecodeError`` with a reason from ``FAILURE_REASONS``. Per-file problems never raise
+anything else, so one hostile file cannot stop a run. ``images.model_input`` composes both with
+the model's resize + crop: the one entry for every path that turns a file into model input.
+Finding the files to decode is ``images.sources``, which shares ``IMAGE_SUFFIXES``,
+``FAILURE_REASONS`` and ``_describe`` from here.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import importlib
 import io
 import os
 import stat
@@ -36,21 +41,46 @@ MAX_FILE_BYTES = 2 * 2**30
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 
-def _image_suffixes() -> frozenset[str]:
-    suffixes = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp"}
+def _heif_plugin() -> bool:
+    """Register pillow-heif (HEIC/HEIF, the iPhone default) with Pillow when it is installed.
+
+    Imported by name so that it stays an optional install; a plugin that fails to register is
+    treated as absent (a .heic file is then not an image, rather than a failure per file).
+    """
+    try:
+        plugin = importlib.import_module("pillow_heif")
+        plugin.register_heif_opener()
+    except Exception:  # ImportError, or a broken build of the plugin
+        return False
+    return True
+
+
+def _image_suffixes(heif: bool) -> frozenset[str]:
+    # Camera and phone JPEGs come as .jpg/.jpeg/.jpe/.jfif, and as .mpo (multi-picture: stereo
+    # cameras, phones' depth maps; frame 0 is the ordinary photo). Suffixes are compared
+    # lowercased, so .JPG and .JPEG are these too.
+    suffixes = {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo",
+        ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp",
+    }  # fmt: skip
     # AVIF needs libavif in Pillow's build; without it an .avif file could only fail.
     if features.check("avif"):
         suffixes.add(".avif")
+    if heif:
+        suffixes.update({".heic", ".heif"})
     return frozenset(suffixes)
 
 
-IMAGE_SUFFIXES: frozenset[str] = _image_suffixes()
+_HEIF = _heif_plugin()
+IMAGE_SUFFIXES: frozenset[str] = _image_suffixes(_HEIF)
 
 # Pillow is only allowed to identify these formats: a renamed EPS/PDF must not reach
 # Ghostscript, and exotic decoders are fuzzing surface we do not need. Multi-picture phone
 # JPEGs (format "MPO") open through the JPEG entry; DIB is BMP without its file header.
-_ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB") + (
-    ("AVIF",) if ".avif" in IMAGE_SUFFIXES else ()
+_ALLOWED_FORMATS = (
+    ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB")
+    + (("AVIF",) if ".avif" in IMAGE_SUFFIXES else ())
+    + (("HEIF",) if _HEIF else ())
 )
 
 FAILURE_REASONS: tuple[str, ...] = (
@@ -84,6 +114,9 @@ class DecodedImage:
         height: full-resolution height after EXIF orientation.
         n_frames: frames (animation) or pages (TIFF) in the file; only the first is decoded.
         warnings: non-fatal problems seen while decoding (e.g. corrupt EXIF).
+        box: after draft decoding, the full picture's extent (x0, y0, x1, y1) in ``image``
+            pixels, to pass to the resize (``Preprocess.to_uint8``); None when ``image`` is
+            the full-resolution picture.
     """
 
     image: Image.Image
@@ -91,6 +124,7 @@ class DecodedImage:
     height: int
     n_frames: int
     warnings: list[str] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
 
 
 class ImageDecodeError(Exception):
@@ -105,6 +139,11 @@ class ImageDecodeError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"
+
+
+def warnings_detail(notes: list[str]) -> str | None:
+    """The ``detail`` an ``ok`` row records: a decode's non-fatal problems, or None."""
+    return "; ".join(notes)[: _MAX_DETAIL * 2] or None
 
 
 def _describe(exc: BaseException) -> str:
@@ -124,37 +163,64 @@ def open_rgb(
         max_pixels: refuse images whose declared width x height exceeds this, before any
             pixel is decoded. Pillow's own hard limit (2 x ``Image.MAX_IMAGE_PIXELS``, equal to
             ``DEFAULT_MAX_PIXELS`` unless changed) still applies above it.
-        draft_size: for JPEGs, let libjpeg decode at a reduced scale whose shorter side stays
-            at least this many pixels (much faster for large photos). Ignored for other formats.
+        draft_size: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) whose
+            sides stay at least this many pixels (much faster for large photos); ``box`` then
+            says where the full picture lies in the reduced one. Ignored for other formats.
+            Use ``images.model_input.load_model_input`` to get model input: it picks the
+            draft size from the model's preprocessing, as every entry path does.
 
     Returns:
-        The RGB image with its full-resolution size after orientation, frame count and
-        warnings.
+        The RGB image with its full-resolution size after orientation, frame count,
+        warnings and draft box.
 
     Raises:
         ImageDecodeError: the file cannot be decoded; ``reason`` says why.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageDecodeError("empty_file", "0 bytes")
-        return _decode(io.BytesIO(source), max_pixels, draft_size)
-    path = os.fsdecode(source)
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_image_file(source)
+    if len(data) == 0:
+        raise ImageDecodeError("empty_file", "0 bytes")
+    return _decode(io.BytesIO(data), max_pixels, draft_size)
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """Read one image file whole, refusing what no image under the pixel cap can be.
+
+    Every entry path (extraction workers, ``embed``, search and classify by file) reads files
+    here, so a pipe, a folder or a 3 GiB video named ``.jpg`` fails the same way everywhere.
+
+    Raises:
+        ImageDecodeError: ``not_a_file`` (a folder, pipe, device or socket), ``too_large``
+            (over ``MAX_FILE_BYTES``, refused before reading), ``not_found``,
+            ``permission_denied``, ``symlink_loop`` or ``decode_error`` (any other read error).
+    """
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            # A FIFO would block the worker forever, a folder cannot be an image.
-            raise ImageDecodeError("decode_error", "not a regular file")
-        if st.st_size == 0:
-            raise ImageDecodeError("empty_file", "0 bytes")
-        with open(path, "rb") as fp:
-            return _decode(fp, max_pixels, draft_size)
-    except FileNotFoundError as e:
-        raise ImageDecodeError("not_found", _describe(e)) from e
+        # O_NONBLOCK: a file swapped for a named pipe since the scan must not block the open.
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageDecodeError("not_a_file", "not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise ImageDecodeError(
+                    "too_large",
+                    f"{st.st_size / 2**30:.1f} GiB; no image under the pixel cap is "
+                    f"over {MAX_FILE_BYTES / 2**30:.0f} GiB",
+                )
+            return f.read()
     except PermissionError as e:
         raise ImageDecodeError("permission_denied", _describe(e)) from e
+    except FileNotFoundError as e:
+        raise ImageDecodeError("not_found", _describe(e)) from e
+    except IsADirectoryError as e:
+        raise ImageDecodeError("not_a_file", "is a directory") from e
     except OSError as e:
         reason = "symlink_loop" if e.errno == errno.ELOOP else "decode_error"
-        raise ImageDecodeError(reason, _describe(e)) from e
+        raise ImageDecodeError(reason, f"read failed: {_describe(e)}") from e
+
+
+def content_hash(data: bytes | bytearray | memoryview) -> str:
+    """The store's ``content_hash`` of a file: sha256 of its bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _decode(fp: BinaryIO, max_pixels: int, draft_size: int | None) -> DecodedImage:
@@ -216,22 +282,75 @@ def _decode_opened(
         notes.append(f"frame count unreadable ({_describe(e)}); recorded as 1")
         n_frames = 1
         im.seek(0)
+    box: Box | None = None
     if draft_size is not None and im.format in ("JPEG", "MPO"):
-        im.draft("RGB", (draft_size, draft_size))
+        drafted = im.draft("RGB", (draft_size, draft_size))
+        if drafted is not None and im.size != (width, height):
+            # libjpeg scales by 1/2, 1/4 or 1/8 and rounds the size up: the last reduced
+            # pixel may stand for fewer source pixels. ``box`` is the full picture's extent in
+            # reduced pixels, so that the resize maps exactly what a full decode would.
+            box = drafted[1]
     if im.format == "PNG":
         _tolerate_trailing_chunks(im, notes)
     im.load()
 
-    before = im.size
+    # Metadata gets its own try: a broken EXIF/XMP block means "no orientation", never a
+    # lost picture. Pillow's getexif() also reads XMP tiff:Orientation when EXIF has none.
     try:
-        # in_place: no copy of a large unrotated photo. Also reads XMP tiff:Orientation.
-        ImageOps.exif_transpose(im, in_place=True)
+        orientation = int(im.getexif().get(_ORIENTATION, 1))
     except Exception as e:
         notes.append(f"EXIF unreadable ({_describe(e)}); orientation treated as absent")
-    if im.size != before and im.size == (before[1], before[0]):
-        width, height = height, width  # orientations 5-8 swap the axes
+        orientation = 1
+    method = _TRANSPOSE.get(orientation)
+    out: Image.Image = im
+    if method is not None:
+        if box is not None:
+            box = _transpose_box(box, im.size, method)
+        out = im.transpose(method)
+        if method in _SWAPS_AXES:
+            width, height = height, width
+    return DecodedImage(_to_rgb(out), width=width, height=height, n_frames=n_frames, box=box)
 
-    return DecodedImage(_to_rgb(im), width=width, height=height, n_frames=n_frames)
+
+Box = tuple[float, float, float, float]
+_ORIENTATION = 0x0112  # EXIF tag; values 2-8 as in ImageOps.exif_transpose
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset(
+    {
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    }
+)
+
+
+def _transpose_box(box: Box, size: tuple[int, int], method: Image.Transpose) -> Box:
+    """Where ``box`` (x0, y0, x1, y1 in an image of ``size``) lands after ``transpose``."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    if method == Image.Transpose.FLIP_LEFT_RIGHT:
+        return (w - x1, y0, w - x0, y1)
+    if method == Image.Transpose.FLIP_TOP_BOTTOM:
+        return (x0, h - y1, x1, h - y0)
+    if method == Image.Transpose.ROTATE_180:
+        return (w - x1, h - y1, w - x0, h - y0)
+    if method == Image.Transpose.TRANSPOSE:  # (x, y) -> (y, x)
+        return (y0, x0, y1, x1)
+    if method == Image.Transpose.ROTATE_90:  # counter-clockwise: (x, y) -> (y, w - x)
+        return (y0, w - x1, y1, w - x0)
+    if method == Image.Transpose.ROTATE_270:  # clockwise: (x, y) -> (h - y, x)
+        return (h - y1, x0, h - y0, x1)
+    # TRANSVERSE: (x, y) -> (h - y, w - x)
+    return (h - y1, w - x1, h - y0, w - x0)
 
 
 def rgb_from_pil(image: Image.Image) -> Image.Image:

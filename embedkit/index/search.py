@@ -70,7 +70,8 @@ def search(
         log: receives index maintenance messages.
 
     Raises:
-        StoreError: a query is neither stored nor a readable image.
+        StoreError: a query is neither stored nor an image file.
+        ImageFileError: an image file query cannot be decoded (extraction's reason for it).
         WeightsUnavailableError: image queries need the store's weights, which are gone.
         IndexStateError: the index comes from another model.
     """
@@ -171,22 +172,16 @@ def _check_vector(arr: np.ndarray, store: Store, what: str) -> np.ndarray:
 
 
 def _embed_files(store: Store, paths: list[str], device: str) -> np.ndarray:
-    """Embed image files exactly as the store's extraction did (model, weights, preprocessing,
-    normalisation)."""
-    from PIL import Image
+    """Embed image files exactly as the store's extraction did: the same decode
+    (``load_model_input``, JPEG draft rule included), model, weights and normalisation.
 
+    Raises:
+        ImageFileError: a file cannot be decoded, with the reason extraction would record.
+    """
     from ..extraction.embed import (  # torch: only imported for image queries
         backbone_for_store,
         embed,
     )
 
-    pictures = []
-    for p in paths:
-        try:
-            im = Image.open(p)  # embed() applies EXIF orientation, as extraction does
-            im.load()  # also closes a single-frame file
-            pictures.append(im)
-        except (OSError, Image.DecompressionBombError) as exc:
-            raise StoreError(f"cannot read query image {p}: {exc}") from None
     backbone = backbone_for_store(store, device=device)
-    return embed(pictures, model=backbone, normalize=bool(store.metadata.get("normalize")))
+    return embed(paths, model=backbone, normalize=bool(store.metadata.get("normalize")))

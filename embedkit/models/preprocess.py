@@ -4,7 +4,9 @@
 returns a small uint8 HWC array, which is cheap to pass between processes. ``Preprocess.
 normalize`` (scale, mean/std) runs on whole batches in the model process. Together they
 reproduce timm's ``transforms_imagenet_eval`` exactly: ``Resize(floor(size / crop_pct))``
-then ``CenterCrop(size)``, ``ToTensor``, ``Normalize(mean, std)``.
+then ``CenterCrop(size)``, ``ToTensor``, ``Normalize(mean, std)`` (on a fully decoded image,
+to float32 rounding: tests/test_entry_paths.py). ``draft_size`` is the JPEG draft rule that
+``images.model_input.load_model_input`` applies on every entry path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ _PIL_INTERPOLATION = {
 # Resized images above this many pixels (64 crops of 224 x 224, ~10 MB) only occur for extreme
 # aspect ratios; those resample just the crop (see ``to_uint8``).
 _MAX_RESIZED_PIXELS = 64 * 224 * 224
+
+
+# JPEG draft rule: libjpeg may decode at 1/2, 1/4 or 1/8 scale as long as the shorter side
+# keeps at least DRAFT_FACTOR x the resize target (``scale_size``), so the model's own
+# antialiased resize still does the last >= 3x of the reduction. Measured with
+# efficientnet_lite0's real weights on photos and textures from 2x the input to 12 MP
+# (benchmarks/draft.py, RESULTS.md ``draft``): drafting down to 1x the target cost cosines
+# down to 0.96 against a full decode; see RESULTS.md for the numbers of the rule kept here.
+DRAFT_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -98,22 +109,34 @@ class Preprocess:
 
     @property
     def draft_size(self) -> int:
-        """Smallest side a JPEG may be draft-decoded to without losing resize quality."""
-        return max(self.scale_size)
+        """Smallest side a JPEG may be draft-decoded to (see ``DRAFT_FACTOR``)."""
+        return DRAFT_FACTOR * max(self.scale_size)
 
-    def to_uint8(self, img: Image.Image) -> np.ndarray:
-        """Resize and center-crop an RGB PIL image; returns uint8 (H, W, 3)."""
+    def to_uint8(
+        self, img: Image.Image, box: tuple[float, float, float, float] | None = None
+    ) -> np.ndarray:
+        """Resize and center-crop an RGB PIL image; returns uint8 (H, W, 3).
+
+        Args:
+            img: the picture, any mode (converted to RGB).
+            box: the picture's extent in ``img`` pixels when ``img`` was draft-decoded
+                (``DecodedImage.box``): the resize then maps the same geometry, output size
+                and crop as for the full-resolution picture.
+        """
         if img.mode != "RGB":
             img = img.convert("RGB")
         resample = _PIL_INTERPOLATION.get(self.interpolation, Image.Resampling.BILINEAR)
         th, tw = self.size
+        # Geometry comes from the full picture: (bw, bh) is its size in ``img`` pixels.
+        bx, by = (box[0], box[1]) if box is not None else (0.0, 0.0)
+        bw, bh = (box[2] - box[0], box[3] - box[1]) if box is not None else img.size
         if self.crop_mode == "squash":
             sh, sw = self.scale_size
-            img = img.resize((sw, sh), resample)
+            img = img.resize((sw, sh), resample, box=box)
         else:
             # torchvision Resize(int) semantics: the shorter side becomes scale_size.
             short = self.scale_size[0] if self.size[0] == self.size[1] else None
-            w, h = img.size
+            w, h = bw, bh
             if short is not None:
                 if w <= h:
                     nw, nh = short, int(short * h / w)
@@ -129,10 +152,15 @@ class Preprocess:
                 # like the full resize (measured: within 2 of resize-then-crop per uint8
                 # value); ordinary photos keep the exact resize-then-crop of timm.
                 sx, sy = w / nw, h / nh
-                box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
-                return np.asarray(img.resize((tw, th), resample, box=box), dtype=np.uint8)
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), resample)
+                crop = (
+                    bx + left * sx,
+                    by + top * sy,
+                    bx + (left + tw) * sx,
+                    by + (top + th) * sy,
+                )
+                return np.asarray(img.resize((tw, th), resample, box=crop), dtype=np.uint8)
+            if box is not None or (nw, nh) != img.size:
+                img = img.resize((nw, nh), resample, box=box)
         w, h = img.size
         # torchvision CenterCrop rounding: top = round((h - th) / 2).
         top = int(round((h - th) / 2.0))
