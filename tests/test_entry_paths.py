@@ -169,7 +169,10 @@ def test_classify_by_file_equals_stored_features(world: tuple[Path, list[str]]) 
     feats = embed_image_files(store, files, normalize=False, device="cpu")
     np.testing.assert_allclose(feats, _stored(root / "s.store", names), rtol=0, atol=ATOL)
     by_file = classify(store=store, images=files, top_k=3, device="cpu")
-    stored = {p.path: p for p in classify(store=store, top_k=3)}
+    photos = root / "photos"
+    stored = {
+        Path(p.path).relative_to(photos).as_posix(): p for p in classify(store=store, top_k=3)
+    }
     for n, p in zip(names, by_file, strict=True):
         assert [t.index for t in p.top] == [t.index for t in stored[n].top]
         np.testing.assert_allclose(
@@ -182,7 +185,10 @@ def test_probe_predict_by_file_equals_stored_rows(world: tuple[Path, list[str]])
     probe = train_store_probe(root / "s.store", max_epochs=3, device="cpu", seed=0)
     files = [root / "photos" / n for n in names]
     by_file = probe.classify(store=root / "s.store", images=files, top_k=2, device="cpu")
-    stored = {p.path: p for p in probe.classify(store=root / "s.store", top_k=2)}
+    stored = {
+        Path(p.path).relative_to(root / "photos").as_posix(): p
+        for p in probe.classify(store=root / "s.store", top_k=2)
+    }
     for n, p in zip(names, by_file, strict=True):
         assert [t.label for t in p.top] == [t.label for t in stored[n].top]
         np.testing.assert_allclose(
