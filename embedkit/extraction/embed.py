@@ -7,20 +7,21 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import StoreMismatchError, WeightsUnavailableError
 from ..images.decode import rgb_from_pil
-from ..models.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from ..store.read import l2_normalize
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and timm load only when a model is loaded by name
+    from ..models.backbone import Backbone
+    from ..models.embedder import Embedder
     from ..store.read import Store
 
 
 def forward_batches(
-    backbone: Backbone, pixels: Iterable[np.ndarray], batch_size: int
+    backbone: Backbone | Embedder, pixels: Iterable[np.ndarray], batch_size: int
 ) -> np.ndarray:
     """Run uint8 (H, W, 3) crops through the backbone in batches -> float32 (N, D)."""
     out: list[np.ndarray] = []
@@ -28,10 +29,10 @@ def forward_batches(
     for arr in pixels:
         batch.append(arr)
         if len(batch) == batch_size:
-            out.append(backbone.forward(torch.from_numpy(np.stack(batch))))
+            out.append(backbone.forward(np.stack(batch)))
             batch = []
     if batch:
-        out.append(backbone.forward(torch.from_numpy(np.stack(batch))))
+        out.append(backbone.forward(np.stack(batch)))
     if not out:
         return np.zeros((0, backbone.dim), dtype=np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
@@ -39,7 +40,7 @@ def forward_batches(
 
 def embed(
     images: Iterable[Image.Image],
-    model: str | Backbone = DEFAULT_MODEL,
+    model: str | Backbone | Embedder = DEFAULT_MODEL,
     *,
     weights: str | os.PathLike[str] | None = None,
     random_init: bool = False,
@@ -54,7 +55,8 @@ def embed(
 
     Args:
         images: PIL images, any mode.
-        model: a preset or timm model name, or a loaded ``Backbone``.
+        model: a preset or timm model name, a loaded ``Backbone``, or an ``Embedder``
+            (``embedder_for_store``).
         weights: weights file, when ``model`` is a name.
         random_init: use random weights on purpose (never a silent fallback).
         batch_size: images per forward pass.
@@ -64,11 +66,14 @@ def embed(
     Returns:
         float32 array of shape (N, D).
     """
-    backbone = (
-        model
-        if isinstance(model, Backbone)
-        else load_backbone(model, weights=weights, random_init=random_init, device=device)
-    )
+    if isinstance(model, str):
+        from ..models.backbone import load_backbone
+
+        backbone: Backbone | Embedder = load_backbone(
+            model, weights=weights, random_init=random_init, device=device
+        )
+    else:
+        backbone = model
     pp = backbone.preprocess
     vectors = forward_batches(
         backbone, (pp.to_uint8(rgb_from_pil(im)) for im in images), batch_size
@@ -97,6 +102,8 @@ def backbone_for_store(store: Store, device: str = "auto") -> Backbone:
                 "put it back (same content) to embed new images for this store"
             )
         kwargs["weights"] = file
+    from ..models.backbone import load_backbone
+
     backbone = load_backbone(name, **kwargs)
     if backbone.weights_sha256 != md.get("weights_sha256"):
         raise StoreMismatchError(

@@ -171,10 +171,8 @@ def _embed_files(store: Store, paths: list[str], device: str) -> np.ndarray:
     normalisation)."""
     from PIL import Image
 
-    from ..extraction.embed import (  # torch: only imported for image queries
-        backbone_for_store,
-        embed,
-    )
+    from ..extraction.embed import embed
+    from ..models.embedder import embedder_for_store  # torch-free when the ONNX is cached
 
     pictures = []
     for p in paths:
@@ -184,5 +182,5 @@ def _embed_files(store: Store, paths: list[str], device: str) -> np.ndarray:
             pictures.append(im)
         except (OSError, Image.DecompressionBombError) as exc:
             raise StoreError(f"cannot read query image {p}: {exc}") from None
-    backbone = backbone_for_store(store, device=device)
-    return embed(pictures, model=backbone, normalize=bool(store.metadata.get("normalize")))
+    model = embedder_for_store(store, device=device)
+    return embed(pictures, model=model, normalize=bool(store.metadata.get("normalize")))
