@@ -278,7 +278,9 @@ def extract(
         if f.reason in ("unreadable_dir", "symlink_loop")
     ]
     local = engine in (None, "local")
-    request = _Request(model, weights, random_init, device, runtime if local else "torch")
+    request = _Request(
+        model, weights, random_init, device, runtime if local else "torch", normalize
+    )
     emb = cached_embedder(
         model, weights=weights, random_init=random_init, device=device, runtime=request.runtime
     )
@@ -312,6 +314,7 @@ class _Request:
     random_init: bool
     device: str
     runtime: str
+    normalize: bool
 
 
 class _NeedModel(Exception):
@@ -331,8 +334,12 @@ def _metadata_if_nothing_to_do(
     if manifest is None:
         return None
     md = manifest["metadata"]
-    if md.get("model") != request.model or bool(md.get("random_init")) != request.random_init:
-        return None
+    if (
+        md.get("model") != request.model
+        or bool(md.get("random_init")) != request.random_init
+        or bool(md.get("normalize")) != request.normalize
+    ):
+        return None  # maybe a mismatch: the model is loaded and the writer says what differs
     source = str(md.get("weights_source", ""))
     if request.weights is not None:
         if source != f"file:{os.path.abspath(os.fspath(request.weights))}":
@@ -344,7 +351,7 @@ def _metadata_if_nothing_to_do(
     return dict(md) if not plan.todo else None
 
 
-def _load(request: _Request, engine: Engine | str | None) -> Embedder:
+def _load(request: _Request) -> Embedder:
     """Load the torch backbone (and check or export its ONNX graph later, in make_forward)."""
     from ..models.backbone import load_backbone
 
@@ -392,7 +399,7 @@ def _extract(
             summary.rows = _count_ok(writer)
         return summary
     if emb is None:
-        emb = _load(request, engine)
+        emb = _load(request)
     # Balanced runs start decode-heavy (a worker per core, one model thread: the split that
     # wins when decoding is the bottleneck, and costs nothing when it is not, because idle
     # workers wait on a full window) and re-choose after the first batches.
