@@ -1,6 +1,6 @@
 """Whole-process wall times: what a user waits for, start-up included.
 
-Usage: python benchmarks/startup.py [--n 120] [--reps 2]
+Usage: python benchmarks/startup.py [--n 120] [--reps 2] [--naive-default-threads]
 
 Every number is one fresh ``python -m embedkit ...`` process (or a fresh naive script), timed
 from spawn to exit, with the ONNX export of the default model already cached and verified (a
@@ -85,6 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument(
+        "--naive-default-threads",
+        action="store_true",
+        help="also run the naive loop with torch's default threads (1.5-3 min under load)",
+    )
     a = ap.parse_args()
 
     photos = make_photos(WORK / "photos", a.n)
@@ -123,7 +128,7 @@ def main() -> None:
         keep("extract", wall)
         summaries.append(json.loads(out))
         naive = [sys.executable, "-c", NAIVE, *map(str, photos)]
-        if rep == 0:  # torch's default threads: slow under load (see below), run once
+        if rep == 0 and a.naive_default_threads:  # slow under load (see below): once
             keep("naive_default", run(naive, env)[0])
         keep("naive_1t", run(naive, {**env, "NAIVE_THREADS": "1"})[0])
         wall, _ = run(
@@ -140,7 +145,7 @@ def main() -> None:
     s = min(summaries, key=lambda d: d["wall_s"])
     search_ratio = best["search_new"] / best["search_stored"]
     # Against the faster of the two naive variants: the conservative ratio.
-    naive_best = min(best["naive_default"], best["naive_1t"])
+    naive_best = min(best.get("naive_default", float("inf")), best["naive_1t"])
     extract_speedup = naive_best / best["extract"]
     load = os.getloadavg()[0]
     rows = [
@@ -149,10 +154,11 @@ def main() -> None:
         ("`search STORE new.jpg` (6 MP, not stored)", best["search_new"], ""),
         ("`extract` of an empty folder (new store)", best["extract_empty"], ""),
         (f"`extract` of {a.n} six-megapixel JPEGs (new store)", best["extract"], ""),
-        (f"naive per-image timm loop, same {a.n} files", best["naive_default"], "torch threads"),
-        ("naive loop, `torch.set_num_threads(1)`", best["naive_1t"], ""),
+        (f"naive per-image timm loop, same {a.n} files, 1 torch thread", best["naive_1t"], ""),
         ("first `extract` (1 file; exports + verifies the ONNX graph)", first, "once"),
     ]
+    if "naive_default" in best:
+        rows.append(("naive loop, torch's default threads", best["naive_default"], "once"))
     table = ["| command (fresh process, wall) | seconds | note |", "|---|---:|---|"]
     table += [f"| {name} | {sec:.2f} | {note} |" for name, sec, note in rows]
     verdict = [
@@ -176,12 +182,17 @@ def main() -> None:
             *verdict,
             "",
             "The naive loop uses random weights (`pretrained=False`): same architecture and "
-            "cost, no weight file to read, so it is, if anything, flattered. With torch's "
-            "default thread count (2 here) its batch-1 forward swings from 0.03 to 3 s per "
-            "image whenever other processes use the cores (OpenMP teams spin at barriers, see "
-            "extraction/threads.py), so the ratio is taken against the faster of the two "
-            "variants. Our extract reads JPEGs in draft mode (decoding at 1/2-1/8 scale), "
-            "runs decode workers beside ONNX Runtime, and no longer imports torch or timm.",
+            "cost, no weight file to read, so it is, if anything, flattered. It runs with one "
+            "torch thread: with torch's default (2 here) its batch-1 forward swings from 0.03 "
+            "to 3 s per image whenever other processes use the cores (OpenMP teams spin at "
+            "barriers, see extraction/threads.py; 103 s and 179 s for the 120 files in two "
+            "runs on this shared box, `--naive-default-threads`), which would flatter us. The "
+            "ratio is against the faster naive variant measured. Our extract reads JPEGs in "
+            "draft mode (decoding at 1/2-1/8 scale), runs decode workers beside ONNX Runtime, "
+            "and no longer imports torch or timm.",
+            "",
+            "Wall times on this 2-core box shared with other jobs vary 2-4x between runs "
+            "(load average above); the ratios, measured in the same run, are what to compare.",
         ]
     )
     print(body)
