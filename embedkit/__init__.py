@@ -26,7 +26,7 @@ _EXPORTS = {
     "QueryResult": "index.search",
     "IndexReport": "index.lifecycle",
     "Backbone": "models.backbone",
-    "DEFAULT_MODEL": "models.backbone",
+    "DEFAULT_MODEL": "defaults",
     "EmbedkitError": "errors",
     "ExtractSummary": "extraction.run",
     "FAILURE_REASONS": "images.decode",
@@ -51,7 +51,9 @@ _EXPORTS = {
     "extract": "extraction.run",
     "find_duplicates": "index.duplicates",
     "find_images": "images.sources",
-    "imagenet_labels": "models.backbone",
+    "imagenet_labels": "models.labels",
+    "Embedder": "models.embedder",
+    "embedder_for_store": "models.embedder",
     "index_store": "index.lifecycle",
     "knn_classify": "classification.knn",
     "knn_evaluate": "classification.knn",
@@ -106,14 +108,9 @@ if TYPE_CHECKING:
     from .index.lifecycle import IndexReport, index_store, open_index
     from .index.ram import Index
     from .index.search import Hit, QueryResult, search
-    from .models.backbone import (
-        DEFAULT_MODEL,
-        PRESETS,
-        Backbone,
-        imagenet_labels,
-        list_models,
-        load_backbone,
-    )
+    from .models.backbone import DEFAULT_MODEL, PRESETS, Backbone, list_models, load_backbone
+    from .models.embedder import Embedder, embedder_for_store
+    from .models.labels import imagenet_labels
     from .models.runtime import RuntimeMismatchError, make_forward
     from .store.info import store_failures, store_info
     from .store.maintain import prune_store, reroot_store
@@ -166,6 +163,8 @@ __all__ = [
     "WeightsUnavailableError",
     "__version__",
     "backbone_for_store",
+    "Embedder",
+    "embedder_for_store",
     "choose_index_key",
     "classify",
     "embed",

@@ -3,7 +3,8 @@
 Extraction stores the pooled features the model's classifier acts on (``forward_head(...,
 pre_logits=True)``) and saves that classifier as ``STORE/head.safetensors``; applying it
 (``features @ weight.T + bias``, then softmax) reproduces the full model's output without
-re-running the backbone. New images go through the store's own model (``backbone_for_store``).
+re-running the backbone. New images go through the store's own model (``embedder_for_store``:
+its cached ONNX export when there is one, without importing torch).
 """
 
 from __future__ import annotations
@@ -115,19 +116,21 @@ def embed_image_files(
     store: Store, paths: Sequence[str | Path], *, normalize: bool, device: str = "auto"
 ) -> np.ndarray:
     """Embed image files exactly like the store's extraction did: the same decode
-    (``load_model_input``, JPEG draft rule included), model and weights.
+    (``load_model_input``, JPEG draft rule included), model and weights (torch-free when the
+    store's ONNX export is cached).
 
     Raises:
         ImageFileError: a file cannot be decoded, with the reason extraction would record.
     """
-    from ..extraction.embed import backbone_for_store, embed
+    from ..extraction.embed import embed
+    from ..models.embedder import embedder_for_store
 
-    backbone = backbone_for_store(store, device=device)
-    return embed(list(paths), model=backbone, normalize=normalize)
+    model = embedder_for_store(store, device=device)
+    return embed(list(paths), model=model, normalize=normalize)
 
 
 def _imagenet_names(n_classes: int) -> list[str]:
-    from ..models.backbone import imagenet_labels
+    from ..models.labels import imagenet_labels  # a file in the package: no timm
 
     names = list(imagenet_labels())
     if len(names) != n_classes:  # a head over another label set (e.g. 11k classes)

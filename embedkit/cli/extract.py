@@ -13,6 +13,7 @@ from ..defaults import DEFAULT_MODEL
 from ..store.info import store_failures, store_info
 from ..store.writer import export_store
 from ._app import app
+from ._clock import process_started
 from ._kit import console, print_json, run_command
 
 if TYPE_CHECKING:  # torch and timm load in the command, not at --help
@@ -129,6 +130,7 @@ def extract_cmd(
         engine=engine,
         address=address,
         progress=not json_out,
+        started=process_started(),  # wall_s: what the user waited, imports included
     )
     if json_out:
         print_json(summary.to_dict())
@@ -143,7 +145,7 @@ def _print_summary(s: ExtractSummary) -> None:
     console.print(
         f"embedded {s.embedded}, reused {s.reused} (same content), skipped {s.unchanged} "
         f"unchanged, deleted {s.deleted}, failed {s.n_failed}; {done} new rows in "
-        f"{s.wall_s:.1f}s (model load included{rate})"
+        f"{s.wall_s:.1f}s since the command started (start-up and model load included{rate})"
     )
     if s.workers is not None:
         how = {

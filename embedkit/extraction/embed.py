@@ -7,22 +7,23 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import ImageFileError, StoreMismatchError, WeightsUnavailableError
 from ..images.decode import ImageDecodeError, rgb_from_pil
 from ..images.model_input import load_model_input
-from ..models.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from ..store.read import l2_normalize, storable
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and timm load only when a model is loaded by name
+    from ..models.backbone import Backbone
+    from ..models.embedder import Embedder
     from ..models.preprocess import Preprocess
     from ..store.read import Store
 
 
 def forward_batches(
-    backbone: Backbone, pixels: Iterable[np.ndarray], batch_size: int
+    backbone: Backbone | Embedder, pixels: Iterable[np.ndarray], batch_size: int
 ) -> np.ndarray:
     """Run uint8 (H, W, 3) crops through the backbone in batches -> float32 (N, D)."""
     out: list[np.ndarray] = []
@@ -30,10 +31,10 @@ def forward_batches(
     for arr in pixels:
         batch.append(arr)
         if len(batch) == batch_size:
-            out.append(backbone.forward(torch.from_numpy(np.stack(batch))))
+            out.append(backbone.forward(np.stack(batch)))
             batch = []
     if batch:
-        out.append(backbone.forward(torch.from_numpy(np.stack(batch))))
+        out.append(backbone.forward(np.stack(batch)))
     if not out:
         return np.zeros((0, backbone.dim), dtype=np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
@@ -69,7 +70,7 @@ def model_inputs(images: Iterable[ImageInput], preprocess: Preprocess) -> Iterat
 
 def embed(
     images: Iterable[ImageInput] | ImageInput,
-    model: str | Backbone = DEFAULT_MODEL,
+    model: str | Backbone | Embedder = DEFAULT_MODEL,
     *,
     weights: str | os.PathLike[str] | None = None,
     random_init: bool = False,
@@ -85,7 +86,8 @@ def embed(
 
     Args:
         images: image file paths and PIL images (any mode), mixed freely; or just one.
-        model: a preset or timm model name, or a loaded ``Backbone``.
+        model: a preset or timm model name, a loaded ``Backbone``, or an ``Embedder``
+            (``embedder_for_store``).
         weights: weights file, when ``model`` is a name.
         random_init: use random weights on purpose (never a silent fallback).
         batch_size: images per forward pass.
@@ -98,11 +100,14 @@ def embed(
     Raises:
         ImageFileError: an image cannot be decoded; ``reason`` is extraction's reason for it.
     """
-    backbone = (
-        model
-        if isinstance(model, Backbone)
-        else load_backbone(model, weights=weights, random_init=random_init, device=device)
-    )
+    if isinstance(model, str):
+        from ..models.backbone import load_backbone
+
+        backbone: Backbone | Embedder = load_backbone(
+            model, weights=weights, random_init=random_init, device=device
+        )
+    else:
+        backbone = model
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]  # one image, not an iterable of path characters
     vectors = forward_batches(backbone, model_inputs(images, backbone.preprocess), batch_size)
@@ -130,6 +135,8 @@ def backbone_for_store(store: Store, device: str = "auto") -> Backbone:
                 "put it back (same content) to embed new images for this store"
             )
         kwargs["weights"] = file
+    from ..models.backbone import load_backbone
+
     backbone = load_backbone(name, **kwargs)
     if backbone.weights_sha256 != md.get("weights_sha256"):
         raise StoreMismatchError(

@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
-import torch
 
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..models.preprocess import Preprocess
@@ -40,11 +39,12 @@ class Engine(Protocol):
 
 
 class Forward(Protocol):
-    """A ``Backbone``, or a ``runtime`` runner (torch or ONNX Runtime) over one."""
+    """A ``Backbone``, a ``runtime`` runner (torch or ONNX Runtime) or an ``Embedder``: takes
+    uint8 (N, H, W, 3) numpy batches."""
 
     preprocess: Preprocess
 
-    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray: ...
+    def forward(self, batch_uint8: np.ndarray) -> np.ndarray: ...
 
 
 class LocalEngine:
@@ -139,9 +139,12 @@ class LocalEngine:
 
     def _forward(self, keys: list[int], results: list[Decoded]) -> Chunk:
         # ok results always carry pixels (the cast is for the type checker, nothing is dropped)
-        pixels = torch.from_numpy(np.stack(cast(list[np.ndarray], [r.pixels for r in results])))
-        if getattr(self.model, "device", torch.device("cpu")).type == "cuda":
-            pixels = pixels.pin_memory()  # so the forward's non_blocking copy really overlaps
+        pixels: Any = np.stack(cast(list[np.ndarray], [r.pixels for r in results]))
+        if getattr(getattr(self.model, "device", None), "type", "cpu") == "cuda":
+            import torch  # only on CUDA, where torch runs the model anyway
+
+            # pinned, so that the forward's non_blocking copy really overlaps
+            pixels = torch.from_numpy(pixels).pin_memory()
         t0 = time.perf_counter()
         vectors = self.model.forward(pixels)
         if self._balancing:

