@@ -103,7 +103,8 @@ def test_cached_model_commands_do_not_import_torch(tmp_path):
     make_photo(photos / "img9.jpg", 50)
     _run(tmp_path, "extract", str(photos), "--store", str(first), *model)
     hits = json.loads(_run(tmp_path, "search", str(first), str(query), "--json", "-k", "1")[0])
-    assert hits[0][0]["path"].endswith("img9.jpg") and hits[0][0]["score"] > 0.9999
+    top = hits[0]["hits"][0]
+    assert top["path"].endswith("img9.jpg") and top["score"] > 0.9999
 
 
 @pytest.mark.slow
