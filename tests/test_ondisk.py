@@ -325,3 +325,39 @@ def test_update_appends_tombstones_and_stays_correct(tmp_path):
     again = index_store(path, max_memory=budget)
     assert again.action == "rebuilt" and "exceed" in again.message
     assert again.index.info.get("delta") is None and len(again.index) == len(open_store(path))
+
+
+def test_tiny_store_on_disk_trains_smaller_codebooks(tmp_path: Path) -> None:
+    """200 vectors of dim 1280 under a 1500K budget go on disk; PQ's 8-bit codebooks need 256
+    training points, so the key takes fewer bits instead of a FAISS traceback."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.store.read import row_id
+    from embedkit.store.writer import StoreWriter
+
+    n, d = 200, 1280
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    md = {
+        "model": "synthetic",
+        "dim": d,
+        "weights_sha256": "x",
+        "random_init": True,
+        "preprocess": {},
+        "normalize": False,
+    }
+    with StoreWriter(tmp_path / "s", md) as w:
+        w.add(
+            ids=[row_id("/r", f"{i}.jpg") for i in range(n)],
+            roots=["/r"] * n,
+            paths=[f"{i}.jpg" for i in range(n)],
+            status=["ok"] * n,
+            embedding=x,
+        )
+        w.commit()
+    assert ondisk_key(n, d).endswith("x7") and ondisk_key(10_000, d).endswith("PQ64")
+    r = CliRunner().invoke(app, ["index", str(tmp_path / "s"), "--max-memory", "1500K", "--json"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert json.loads(r.stdout)["backend"] == "ondisk"
+    r = CliRunner().invoke(app, ["search", str(tmp_path / "s"), "7.jpg", "-k", "1", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["hits"][0]["path"] == "/r/7.jpg"

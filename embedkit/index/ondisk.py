@@ -84,7 +84,10 @@ def ondisk_key(n: int, dim: int) -> str:
     m = min(64, max(1, dim // 4))
     while dim % m:
         m -= 1
-    return f"{prefix},PQ{m}"
+    # PQ training needs at least 2**bits points (FAISS refuses fewer: 200 vectors cannot train
+    # 256 centroids); tiny stores get smaller codebooks. Exact re-ranking keeps results right.
+    bits = 8 if n >= 256 else max(1, int(np.log2(max(n, 2))))
+    return f"{prefix},PQ{m}" if bits == 8 else f"{prefix},PQ{m}x{bits}"
 
 
 def ondisk_ram_bytes(key: str, n: int, dim: int) -> int:
