@@ -1,0 +1,118 @@
+"""The server's view of a store: reopened when its manifest version changes, with the derived
+views (listing, duplicates, map, classes, probe predictions) cached per version.
+
+An ``embedkit extract`` into the store while the server runs commits a new manifest version;
+the next request sees it (``LiveStore.current``), and derived views are recomputed lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ..errors import StoreError
+from ..index.lifecycle import open_index
+from ..store.read import STATUS_OK, Store, open_store, read_manifest
+from .projection import MapMethod, project_2d
+
+_logger = logging.getLogger("embedkit.serve")
+T = TypeVar("T")
+
+
+@dataclass
+class Snapshot:
+    """One committed version of the store, opened once, and what was derived from it."""
+
+    store: Store
+    widths: list[int | None]
+    heights: list[int | None]
+    sizes: list[int | None]
+    mtimes: list[int | None]
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    def row(self, id_: int) -> int | None:
+        """Row of a live ``ok`` id, None when the store has no such row."""
+        row = int(self.store.rows_of_ids([id_])[0])
+        return row if row >= 0 else None
+
+    def image(self, row: int) -> dict[str, Any]:
+        st = self.store
+        return {
+            "id": int(st.ids[row]),
+            "key": str(int(st.ids[row])),  # JS numbers hold 53 bits; ids have 63
+            "path": st.abspath(row),
+            "width": self.widths[row],
+            "height": self.heights[row],
+        }
+
+    def cached(self, key: Any, compute: Callable[[], T]) -> T:
+        """``compute()`` once per snapshot and key (duplicates at a threshold, the map, ...)."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]  # type: ignore[no-any-return]
+
+    def map_points(self, method: MapMethod) -> dict[str, Any]:
+        def compute() -> dict[str, Any]:
+            xy, used = project_2d(self.store.vectors, method)
+            return {
+                "method": used,
+                "keys": [str(int(i)) for i in self.store.ids],
+                "x": np.round(xy[:, 0], 4).tolist(),
+                "y": np.round(xy[:, 1], 4).tolist(),
+            }
+
+        return self.cached(("map", method), compute)
+
+
+def _snapshot(path: Path) -> Snapshot:
+    store = open_store(path, vectors=False)
+    ok = store.table.filter(pc.equal(store.table["status"], STATUS_OK))  # aligned with ids
+    return Snapshot(
+        store=store,
+        widths=ok["width"].to_pylist(),
+        heights=ok["height"].to_pylist(),
+        sizes=ok["size"].to_pylist(),
+        mtimes=ok["mtime_ns"].to_pylist(),
+    )
+
+
+class LiveStore:
+    """A store directory as the server sees it: the latest committed version, read-only."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._lock = threading.Lock()
+        self._snap = self._open()
+
+    def _open(self) -> Snapshot:
+        snap = _snapshot(self.path)
+        if len(snap.store):
+            # Bring the index up to date once, here under the lock, so that concurrent
+            # searches find it current instead of each updating it.
+            open_index(snap.store, log=_logger.info)
+        return snap
+
+    def current(self) -> Snapshot:
+        """The snapshot of the committed version, reopened when the manifest moved on."""
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise StoreError(f"{self.path} is no longer an embedkit store (no manifest.json)")
+        if int(manifest["version"]) != self._snap.version:
+            with self._lock:
+                if int(manifest["version"]) != self._snap.version:
+                    self._snap = self._open()
+        return self._snap
