@@ -245,9 +245,7 @@ def create_app(
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> list[dict[str, Any]]:
         s = snap()
-        row_of(s, id)
-        (result,) = search(s.store, [int(id)], k=k)
-        return [_hit(h) for h in result.hits]
+        return [_hit(h) for h in s.similar(row_of(s, id), k)]
 
     @app.post("/api/search", summary="Images most similar to an uploaded photo")
     def search_by_upload(
