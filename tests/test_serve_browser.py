@@ -239,3 +239,99 @@ def test_the_page_passes_the_token_along(browser, store: Path) -> None:  # type:
         pg.wait_for_selector("#error:not([hidden])")
         assert "token" in pg.locator("#error").inner_text()
         context.close()
+
+
+def _watch(pg) -> list[str]:  # type: ignore[no-untyped-def]
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    return errors
+
+
+def test_gallery_of_100k_images_keeps_the_dom_small(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """100,000 rows written through the real writer (8-d vectors, ten real files cycled):
+    only the visible tiles exist, and the last image is reachable by scrolling."""
+    import numpy as np
+
+    from embedkit.store.read import STATUS_OK
+    from embedkit.store.writer import StoreWriter
+
+    n, files = 100_000, 10
+    for i in range(files):
+        make_photo(tmp_path / "p" / f"{i}.jpg", i)
+    meta = {"model": "synthetic", "weights_sha256": "0", "random_init": True}
+    meta |= {"preprocess": {}, "dim": 8, "normalize": False}
+    with StoreWriter(tmp_path / "big", meta) as w:
+        w.add(
+            ids=list(range(1, n + 1)),
+            roots=[str(tmp_path / "p")] * n,
+            paths=[f"{i % files}.jpg" for i in range(n)],
+            status=[STATUS_OK] * n,
+            width=[96] * n,
+            height=[72] * n,
+            embedding=np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32),
+        )
+        w.commit()
+    with _Server(create_app(tmp_path / "big")) as url:
+        context = browser.new_context(viewport={"width": 1200, "height": 800})
+        pg = context.new_page()
+        errors = _watch(pg)
+        pg.goto(url)
+        pg.wait_for_selector("#gallery-grid .tile img")
+        assert pg.locator("#info").inner_text().startswith("100000 images")
+        tiles = pg.locator("#gallery-grid .tile").count()
+        assert 0 < tiles < 200, tiles
+        t0 = time.monotonic()
+        pg.evaluate(
+            "() => { const s = document.getElementById('gallery-scroll');"
+            " s.scrollTop = s.scrollHeight; }"
+        )
+        # the last page is fetched and drawn: image 100000 (id 100000, the 9th file)
+        pg.wait_for_selector("#gallery-grid .tile[data-index='99999']", timeout=20_000)
+        assert time.monotonic() - t0 < 10
+        assert pg.locator("#gallery-grid .tile").count() < 200
+        assert pg.locator(".tile[data-index='99999']").get_attribute("data-key") == "100000"
+        _wait_until(
+            pg,
+            "[...document.querySelectorAll('#gallery-grid .tile img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+        )
+        assert errors == []
+        context.close()
+
+
+def test_probe_page_shows_mistakes_first_and_cells_open_their_images(
+    browser,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    from embedkit.classification.train import train_store_probe
+
+    for cls, offset in (("cat", 0), ("dog", 100)):
+        for i in range(6):
+            make_photo(tmp_path / "p" / cls / f"{i}.png", offset + i)
+    extract([str(tmp_path / "p")], tmp_path / "s", model=TINY, random_init=True, workers=0)
+    probe = train_store_probe(
+        tmp_path / "s", missing="drop", group_threshold=1.0, max_epochs=3, device="cpu"
+    )
+    probe.save(tmp_path / "probe")
+    app = create_app(tmp_path / "s", probe=tmp_path / "probe")
+    with _Server(app) as url:
+        context = browser.new_context()
+        pg = context.new_page()
+        errors = _watch(pg)
+        pg.goto(url + "#/probe")
+        pg.wait_for_selector("#probe-confusion td button")
+        assert pg.locator("#nav-probe").is_visible()
+        assert "12 images" in pg.locator("#probe-summary").inner_text()
+        counts = [int(t) for t in pg.locator("#probe-confusion td button").all_inner_texts()]
+        assert len(counts) == 4 and sum(counts) == 12
+        pg.wait_for_selector("#probe-list .card")
+        wrong = pg.locator("#probe-list .card.wrong").count()
+        assert wrong == counts[1] + counts[2]
+        if wrong:  # misclassified first
+            assert "wrong" in (pg.locator("#probe-list .card").first.get_attribute("class") or "")
+        pg.locator("#probe-confusion td button").nth(0).click()  # true cat, predicted cat
+        pg.wait_for_selector("#probe-list-title:has-text('True cat, predicted cat')")
+        assert pg.locator("#probe-list .card").count() == counts[0]
+        assert errors == []
+        context.close()
