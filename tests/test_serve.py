@@ -469,3 +469,21 @@ def test_classify_and_upload_with_real_weights(tmp_path: Path) -> None:
     data = (tmp_path / "p" / "1.jpg").read_bytes()
     hits = c.post("/api/search", files={"file": ("u.jpg", data)}, data={"k": "1"}).json()
     assert hits[0]["id"] == target and hits[0]["score"] >= 0.999
+
+
+def test_pca_map_separates_clusters_and_is_deterministic() -> None:
+    import numpy as np
+
+    from embedkit.serve.projection import project_2d
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.1, (50, 32)) + 3.0
+    b = rng.normal(0, 0.1, (50, 32)) - 3.0
+    x = np.vstack([a, b]).astype(np.float32)
+    xy, used = project_2d(x, "pca")
+    assert used == "pca" and xy.shape == (100, 2)
+    assert xy.min() == 0.0 and xy.max() == 1.0
+    assert abs(xy[:50, 0].mean() - xy[50:, 0].mean()) > 0.8  # the first axis splits them
+    again, _ = project_2d(x[::-1].copy(), "pca")
+    np.testing.assert_allclose(again[::-1], xy, atol=1e-5)  # same data, same map
+    assert project_2d(np.zeros((0, 4), np.float32))[0].shape == (0, 2)

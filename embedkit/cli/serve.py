@@ -25,7 +25,9 @@ class MapChoice(str, enum.Enum):
 MapOpt = Annotated[
     MapChoice,
     typer.Option(
-        "--map", help="2-D map projection: auto (UMAP when umap-learn is installed, else PCA)."
+        "--map",
+        help="2-D map projection: auto (UMAP when umap-learn is installed and the store has "
+        "at most 20,000 images, else PCA), umap or pca.",
     ),
 ]
 

@@ -172,8 +172,7 @@ def create_app(
 
     @app.get("/api/info", summary="The store summary (as `embedkit info --json`)")
     def info() -> dict[str, Any]:
-        snap()  # reopen first when the manifest moved on
-        return store_info(live.path)
+        return snap().cached("info", lambda: store_info(live.path))
 
     @app.get("/api/config", summary="What this server can show")
     def config() -> dict[str, Any]:

@@ -10,13 +10,17 @@ MapMethod = Literal["auto", "umap", "pca"]
 MAP_METHODS = ("auto", "umap", "pca")
 PCA_FIT_ROWS = 20_000  # principal axes from a sample: the 2-D axes are stable well below this
 SEED = 0  # the same store gives the same map
+# ``auto`` uses UMAP up to this many rows: its neighbour graph takes minutes past it on a few
+# cores, too long for a page to wait; ``umap`` asks for it whatever the size.
+UMAP_AUTO_MAX_ROWS = 20_000
 
 
 def project_2d(vectors: np.ndarray, method: MapMethod = "auto") -> tuple[np.ndarray, str]:
     """float32 (N, 2) coordinates scaled to [0, 1] per axis, and the method used.
 
-    ``auto`` uses UMAP (cosine metric) when ``umap-learn`` imports and there are enough rows for
-    its neighbour graph, else PCA (numpy SVD of the centred vectors).
+    ``auto`` uses UMAP (cosine metric) when ``umap-learn`` imports and the store has between 16
+    (its neighbour graph) and ``UMAP_AUTO_MAX_ROWS`` rows, else PCA (numpy SVD of the centred
+    vectors).
     """
     n = len(vectors)
     if n == 0:
@@ -24,7 +28,8 @@ def project_2d(vectors: np.ndarray, method: MapMethod = "auto") -> tuple[np.ndar
     x = np.asarray(vectors, dtype=np.float32)
     used = "pca"
     xy = None
-    if method in ("auto", "umap") and n >= 16:  # UMAP's default 15 neighbours need 16 rows
+    wants_umap = method == "umap" or (method == "auto" and n <= UMAP_AUTO_MAX_ROWS)
+    if wants_umap and n >= 16:  # UMAP's default 15 neighbours need 16 rows
         try:
             import umap  # type: ignore[import-not-found]
         except ImportError:

@@ -157,13 +157,15 @@ function formatBytes(n) {
 }
 
 // ---------------------------------------------------------------- duplicate review
-const dups = { groups: [], keep: new Map() };
+const DUP_PAGE = 100;  // groups drawn at a time: a big collection can have thousands
+const dups = { groups: [], keep: new Map(), shown: DUP_PAGE };
 
 async function loadDuplicates() {
   const threshold = document.getElementById("dup-threshold").value;
   document.getElementById("dup-summary").textContent = "looking for duplicates…";
   const { body } = await api(`api/duplicates?threshold=${encodeURIComponent(threshold)}`);
   dups.groups = body;
+  dups.shown = DUP_PAGE;
   dups.keep = new Map(body.map((g, n) => [n, (g.find((m) => m.keep) || g[0]).key]));
   renderDuplicates();
 }
@@ -173,7 +175,7 @@ function renderDuplicates() {
   const images = dups.groups.reduce((s, g) => s + g.length, 0);
   document.getElementById("dup-summary").textContent =
     `${dups.groups.length} groups, ${images} images, ${images - dups.groups.length} to remove`;
-  box.replaceChildren(...dups.groups.map((g, n) => {
+  box.replaceChildren(...dups.groups.slice(0, dups.shown).map((g, n) => {
     const row = el("div", { class: "group", "data-group": String(n) });
     for (const m of g) {
       const keep = dups.keep.get(n) === m.key;
@@ -193,6 +195,12 @@ function renderDuplicates() {
     }
     return row;
   }));
+  if (dups.groups.length > dups.shown) {
+    const more = el("button", { id: "dup-more",
+      text: `Show ${Math.min(DUP_PAGE, dups.groups.length - dups.shown)} more groups` });
+    more.addEventListener("click", () => { dups.shown += DUP_PAGE; renderDuplicates(); });
+    box.append(more);
+  }
 }
 
 function decisions() {
