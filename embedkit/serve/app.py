@@ -230,6 +230,8 @@ def create_app(
                 409,
                 f"{path} changed since extraction; run `embedkit extract` on its folder again",
             )
+        if not os.access(path, os.R_OK):
+            raise ApiError(403, f"{path} is not readable by the server (file permissions)")
         media = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileResponse(
             path,

@@ -255,8 +255,11 @@ async function showMap() {
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.fillStyle = "rgba(30, 90, 170, 0.6)";
   const { x, y } = map.data;
+  // big dots for a few images, fine ones for a crowd (px)
+  const size = x.length < 1000 ? 8 : x.length < 20000 ? 4 : 2;
   for (let i = 0; i < x.length; i++) {
-    ctx.fillRect(8 + x[i] * (canvas.width - 16) - 1.5, 8 + y[i] * (canvas.height - 16) - 1.5, 3, 3);
+    ctx.fillRect(8 + x[i] * (canvas.width - 16) - size / 2, 8 + y[i] * (canvas.height - 16) - size / 2,
+                 size, size);
   }
 }
 
