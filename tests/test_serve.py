@@ -21,6 +21,11 @@ from embedkit.extraction.run import extract
 from embedkit.serve.app import is_loopback, resolve_token, serve_store
 
 
+def _local(app: object) -> TestClient:
+    """A client that asks as a browser on this machine does (Host: 127.0.0.1:8000)."""
+    return TestClient(app, base_url="http://127.0.0.1:8000")  # type: ignore[arg-type]
+
+
 def _exif_rotated(path: Path) -> Path:
     """A 80x40 landscape JPEG whose EXIF orientation 6 says: show it rotated, 40x80."""
     img = Image.new("RGB", (80, 40), (200, 30, 30))
@@ -48,7 +53,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(served: Path) -> TestClient:
-    return TestClient(create_app(served / "s.store"))
+    return _local(create_app(served / "s.store"))
 
 
 def _id_of(client: TestClient, name: str) -> int:
@@ -124,7 +129,7 @@ def test_bad_uploads_are_4xx_with_a_fix(served: Path, client: TestClient) -> Non
     r = client.post("/api/search", data={"k": "3"})  # no file field
     assert r.status_code == 400 and "file" in r.json()["error"]
     png = (served / "photos" / "dogs" / "dog0.png").read_bytes()
-    small = TestClient(create_app(served / "s.store", max_upload_bytes=len(png) - 1))
+    small = _local(create_app(served / "s.store", max_upload_bytes=len(png) - 1))
     r = small.post("/api/search", files={"file": ("big.png", png)})
     assert r.status_code == 413 and "smaller" in r.json()["error"]
     # a decompression bomb: tiny file, huge declared size; the extraction pixel cap refuses it
@@ -199,7 +204,7 @@ def test_a_file_gone_from_disk_is_a_404_that_says_so(tmp_path: Path) -> None:
     for i in range(3):
         make_photo(tmp_path / "p" / f"{i}.jpg", i)
     extract([str(tmp_path / "p")], tmp_path / "s", model=TINY, random_init=True, workers=0)
-    c = TestClient(create_app(tmp_path / "s"))
+    c = _local(create_app(tmp_path / "s"))
     gone = _id_of(c, "1.jpg")
     (tmp_path / "p" / "1.jpg").unlink()
     for tail in ("file", "thumb"):
@@ -217,7 +222,7 @@ def test_extract_while_serving_is_picked_up(tmp_path: Path) -> None:
     for i in range(3):
         make_photo(tmp_path / "p" / f"{i}.jpg", i)
     extract([str(tmp_path / "p")], tmp_path / "s", model=TINY, random_init=True, workers=0)
-    c = TestClient(create_app(tmp_path / "s"))
+    c = _local(create_app(tmp_path / "s"))
     assert c.get("/api/images").headers["X-Total-Count"] == "3"
     make_photo(tmp_path / "p" / "new.jpg", 42)
     extract([str(tmp_path / "p")], tmp_path / "s", model=TINY, random_init=True, workers=0)
@@ -280,7 +285,7 @@ def test_bad_requests_are_4xx_json_never_500(client: TestClient, url: str) -> No
 
 
 def test_token_is_checked_on_every_api_call(served: Path) -> None:
-    c = TestClient(create_app(served / "s.store", token="s3cret"))
+    c = _local(create_app(served / "s.store", token="s3cret"))
     assert c.get("/api/info").status_code == 401
     assert c.get("/api/info", headers={"X-Embedkit-Token": "wrong"}).status_code == 401
     assert c.get("/api/info", headers={"X-Embedkit-Token": "s3cret"}).status_code == 200
@@ -326,7 +331,7 @@ def test_probe_predictions_and_confusion(served: Path, tmp_path: Path) -> None:
         served / "s.store", missing="drop", group_threshold=1.0, max_epochs=5, device="cpu"
     )
     probe.save(tmp_path / "probe")
-    c = TestClient(create_app(served / "s.store", probe=tmp_path / "probe"))
+    c = _local(create_app(served / "s.store", probe=tmp_path / "probe"))
     assert c.get("/api/config").json()["probe"] is True
     summary = c.get("/api/probe").json()
     assert summary["classes"] == ["cats", "dogs"]
@@ -406,7 +411,7 @@ def test_uploaded_copy_of_a_large_jpeg_finds_itself(tmp_path: Path) -> None:
     for i in range(4):
         make_photo(tmp_path / "p" / f"{i}.jpg", i, size=(2400, 1600))
     extract([str(tmp_path / "p")], tmp_path / "s", model=TINY, random_init=True, workers=0)
-    c = TestClient(create_app(tmp_path / "s"))
+    c = _local(create_app(tmp_path / "s"))
     data = (tmp_path / "p" / "2.jpg").read_bytes()
     hits = c.post("/api/search", files={"file": ("copy.jpg", data)}, data={"k": "2"}).json()
     assert hits[0]["id"] == _id_of(c, "2.jpg")
@@ -459,7 +464,7 @@ def test_classify_and_upload_with_real_weights(tmp_path: Path) -> None:
     for i in range(3):
         make_photo(tmp_path / "p" / f"{i}.jpg", i, size=(640, 480))
     extract([str(tmp_path / "p")], tmp_path / "s", workers=0)  # efficientnet_lite0, offline
-    c = TestClient(create_app(tmp_path / "s"))
+    c = _local(create_app(tmp_path / "s"))
     assert c.get("/api/config").json()["head"] is True
     target = _id_of(c, "1.jpg")
     r = c.get("/api/classify", params={"id": str(target), "k": 3})
@@ -487,3 +492,30 @@ def test_pca_map_separates_clusters_and_is_deterministic() -> None:
     again, _ = project_2d(x[::-1].copy(), "pca")
     np.testing.assert_allclose(again[::-1], xy, atol=1e-5)  # same data, same map
     assert project_2d(np.zeros((0, 4), np.float32))[0].shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:8000", 200),
+        ("localhost:8000", 200),
+        ("[::1]:8000", 200),
+        ("attacker.example", 403),  # DNS rebinding: their name, our address
+        ("attacker.example:8000", 403),
+        ("127.0.0.1.attacker.example", 403),
+        ("192.168.1.10:8000", 403),
+    ],
+)
+def test_without_a_token_only_loopback_names_are_answered(
+    client: TestClient, host: str, status: int
+) -> None:
+    for url in ("/api/info", "/"):
+        r = client.get(url, headers={"host": host})
+        assert r.status_code == status, (host, url)
+    if status == 403:
+        assert "--token" in client.get("/api/info", headers={"host": host}).json()["error"]
+
+
+def test_with_a_token_any_host_name_is_answered(served: Path) -> None:
+    c = TestClient(create_app(served / "s.store", token="t0k"), base_url="http://photos.lan")
+    assert c.get("/api/info", params={"token": "t0k"}).status_code == 200

@@ -88,6 +88,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _loopback_host_header(host: str) -> bool:
+    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    return bool(name) and is_loopback(name)
+
+
 def resolve_token(host: str, token: str | None) -> str | None:
     """The API token: the one given, else a fresh random one for a non-loopback ``host``
     (anyone on the network could read the collection otherwise), else None."""
@@ -326,6 +334,16 @@ def _install_guards(app: FastAPI, token: str | None) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
         path = request.url.path
+        if token is None and not _loopback_host_header(request.headers.get("host", "")):
+            # Without a token only this machine may ask, by a loopback name: a web page that
+            # re-points its own domain at 127.0.0.1 (DNS rebinding) sends its domain here.
+            return JSONResponse(
+                {
+                    "error": "this server answers only at 127.0.0.1 or localhost; for other "
+                    "names or hosts, restart it with --host and a --token"
+                },
+                status_code=403,
+            )
         if token is not None and path.startswith("/api"):
             given = (
                 request.headers.get(TOKEN_HEADER)
