@@ -209,6 +209,13 @@ def test_duplicates_page_records_a_decision_and_exports_it(page, store: Path) ->
         ("1", "keep", other),
         ("1", "remove", suggested),
     }
+    # the decision survives a reload of the page
+    page.reload()
+    page.fill("#dup-threshold", "0.999")
+    page.click("#dup-load")
+    page.wait_for_selector("#dup-summary:has-text('2 groups')")
+    kept = page.locator("#dup-groups .group").nth(0).locator(".card.keep")
+    assert kept.get_attribute("data-key") == other
 
 
 def test_map_shows_thumbnails_and_opens_similar_images(page) -> None:  # type: ignore[no-untyped-def]

@@ -163,11 +163,32 @@ const dups = { groups: [], keep: new Map(), shown: DUP_PAGE };
 async function loadDuplicates() {
   const threshold = document.getElementById("dup-threshold").value;
   document.getElementById("dup-summary").textContent = "looking for duplicates…";
+  const seq = (dups.seq = (dups.seq || 0) + 1);
   const { body } = await api(`api/duplicates?threshold=${encodeURIComponent(threshold)}`);
+  if (seq !== dups.seq) return;  // a later request (another threshold) supersedes this one
   dups.groups = body;
   dups.shown = DUP_PAGE;
-  dups.keep = new Map(body.map((g, n) => [n, (g.find((m) => m.keep) || g[0]).key]));
+  // a choice made earlier for the same group (same members) survives reloads
+  const saved = loadChoices();
+  dups.keep = new Map(body.map((g, n) => {
+    const earlier = saved[groupSignature(g)];
+    const keeper = g.find((m) => m.key === earlier) || g.find((m) => m.keep) || g[0];
+    return [n, keeper.key];
+  }));
   renderDuplicates();
+}
+
+const CHOICES = () => `embedkit-duplicates:${config ? config.store : ""}`;
+const groupSignature = (g) => g.map((m) => m.key).sort().join(",");
+
+function loadChoices() {
+  try { return JSON.parse(localStorage.getItem(CHOICES()) || "{}"); } catch (e) { return {}; }
+}
+
+function saveChoice(group, key) {
+  const saved = loadChoices();
+  saved[groupSignature(group)] = key;
+  try { localStorage.setItem(CHOICES(), JSON.stringify(saved)); } catch (e) { /* private mode */ }
 }
 
 function renderDuplicates() {
@@ -181,7 +202,11 @@ function renderDuplicates() {
       const keep = dups.keep.get(n) === m.key;
       const radio = el("input", { type: "radio", name: `keep-${n}`, value: m.key });
       radio.checked = keep;
-      radio.addEventListener("change", () => { dups.keep.set(n, m.key); renderDuplicates(); });
+      radio.addEventListener("change", () => {
+        dups.keep.set(n, m.key);
+        saveChoice(g, m.key);
+        renderDuplicates();
+      });
       const date = m.mtime_ns ? new Date(m.mtime_ns / 1e6).toLocaleDateString() : "?";
       const facts = el("div", {},
         el("label", {}, radio, document.createTextNode(keep ? " keep" : " remove")),
