@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from embedkit import create_app, find_duplicates, search, store_info
 from embedkit.cli import app as cli_app
 from embedkit.extraction.run import extract
-from embedkit.serve.app import is_loopback, resolve_token, serve_store
+from embedkit.serve.app import serve_store
+from embedkit.serve.guard import is_loopback, resolve_token
 
 
 def _local(app: object) -> TestClient:

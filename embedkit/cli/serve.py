@@ -73,7 +73,8 @@ def serve_cmd(
     """
     import uvicorn
 
-    from ..serve.app import create_app, resolve_token
+    from ..serve.app import create_app
+    from ..serve.guard import resolve_token
 
     secret = resolve_token(host, token)
     application = create_app(

@@ -1,5 +1,5 @@
 """The HTTP API and page of ``embedkit serve`` (FastAPI; ``create_app``) and running it
-(``serve``, on uvicorn).
+(``serve_store``, on uvicorn); the token, Host check and error shape are ``guard.py``'s.
 
 Every file the server sends is a live row of the store, addressed by its numeric id: no part of
 a request is ever joined to a file-system path. Library errors become JSON ``{"error": ...}``
@@ -9,37 +9,26 @@ search maintains aside).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import mimetypes
 import os
-import secrets
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..classification.head import classify
 from ..classification.probe import Probe, load_probe
-from ..errors import (
-    EmbedkitError,
-    IndexStateError,
-    InvalidArgumentError,
-    ProbeError,
-    StoreLockedError,
-    WeightsUnavailableError,
-)
+from ..errors import InvalidArgumentError
 from ..images.decode import ImageDecodeError, open_rgb
 from ..index.duplicates import DEFAULT_THRESHOLD, find_duplicates
 from ..index.search import Hit, search
 from ..store.info import store_info
+from .guard import ApiError, install_guards, is_loopback
 from .probe_view import ProbeView, probe_view
 from .projection import MAP_METHODS, MapMethod
 from .state import LiveStore, Snapshot
@@ -49,59 +38,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD_BYTES = 50 * 2**20  # a 50 MiB photo is already a 100+ MP camera RAW-sized JPEG
 MAX_PAGE = 1000  # images per /api/images page
 MAX_K = 1000  # results per search
-TOKEN_HEADER = "X-Embedkit-Token"
 _MAX_ID = 2**63 - 1
-# The page is ours only: no inline script, no third-party origin (also: works offline).
-_CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-)
 
 _logger = logging.getLogger("embedkit.serve")
-
-
-class ApiError(Exception):
-    """A request the API refuses: HTTP ``status`` and a message that says what to do."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _status_of(exc: EmbedkitError) -> int:
-    if isinstance(exc, MissingFileError):
-        return 404
-    if isinstance(exc, (StoreLockedError, IndexStateError, ProbeError, WeightsUnavailableError)):
-        return 409  # the store (or its model) cannot answer this now; the message says why
-    if isinstance(exc, InvalidArgumentError):
-        return 400
-    return 422
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _loopback_host_header(host: str) -> bool:
-    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name.startswith("["):
-        name = name[1 : name.find("]")] if "]" in name else name
-    return bool(name) and is_loopback(name)
-
-
-def resolve_token(host: str, token: str | None) -> str | None:
-    """The API token: the one given, else a fresh random one for a non-loopback ``host``
-    (anyone on the network could read the collection otherwise), else None."""
-    if token:
-        return token
-    return None if is_loopback(host) else secrets.token_urlsafe(24)
 
 
 def _parse_id(raw: str) -> int:
@@ -161,7 +100,7 @@ def create_app(
         version=__version__,
         description=f"Browse, search and review the embedkit store {live.path}.",
     )
-    _install_guards(app, token)
+    install_guards(app, token)
 
     def snap() -> Snapshot:
         return live.current()
@@ -326,67 +265,6 @@ def create_app(
         return rows[offset : offset + limit]
 
     return app
-
-
-def _install_guards(app: FastAPI, token: str | None) -> None:
-    """Token check, security headers and the JSON error shape."""
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        path = request.url.path
-        if token is None and not _loopback_host_header(request.headers.get("host", "")):
-            # Without a token only this machine may ask, by a loopback name: a web page that
-            # re-points its own domain at 127.0.0.1 (DNS rebinding) sends its domain here.
-            return JSONResponse(
-                {
-                    "error": "this server answers only at 127.0.0.1 or localhost; for other "
-                    "names or hosts, restart it with --host and a --token"
-                },
-                status_code=403,
-            )
-        if token is not None and path.startswith("/api"):
-            given = (
-                request.headers.get(TOKEN_HEADER)
-                or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                or request.query_params.get("token")
-                or ""
-            )
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse(
-                    {"error": "missing or wrong token; open the URL `embedkit serve` printed"},
-                    status_code=401,
-                )
-        response: Response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if not path.startswith(("/docs", "/redoc")):  # FastAPI's doc pages load their own JS
-            response.headers["Content-Security-Policy"] = _CSP
-        return response
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, str(exc))
-
-    @app.exception_handler(EmbedkitError)
-    async def library_error(_: Request, exc: EmbedkitError) -> JSONResponse:
-        return error(_status_of(exc), str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body"))
-            parts.append(f"{where}: {e.get('msg')}")
-        return error(400, "bad request: " + "; ".join(parts) + " (see /docs)")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = "no such page or API path; the API is listed at /docs"
-        return error(exc.status_code, message)
 
 
 def serve_store(
