@@ -133,6 +133,14 @@ def test_bad_uploads_are_4xx_with_a_fix(served: Path, client: TestClient) -> Non
     small = _local(create_app(served / "s.store", max_upload_bytes=len(png) - 1))
     r = small.post("/api/search", files={"file": ("big.png", png)})
     assert r.status_code == 413 and "smaller" in r.json()["error"]
+    # a huge declared body is refused before anything is read or spooled to disk
+    tiny = _local(create_app(served / "s.store", max_upload_bytes=1000))
+    r = tiny.post(
+        "/api/search",
+        content=b"x" * 200_000,
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert r.status_code == 413 and "smaller" in r.json()["error"]
     # a decompression bomb: tiny file, huge declared size; the extraction pixel cap refuses it
     bomb = io.BytesIO()
     Image.new("1", (20000, 20000)).save(bomb, "PNG")

@@ -100,7 +100,7 @@ def create_app(
         version=__version__,
         description=f"Browse, search and review the embedkit store {live.path}.",
     )
-    install_guards(app, token)
+    install_guards(app, token, max_upload_bytes)
 
     def snap() -> Snapshot:
         return live.current()

@@ -75,8 +75,16 @@ def resolve_token(host: str, token: str | None) -> str | None:
     return None if is_loopback(host) else secrets.token_urlsafe(24)
 
 
-def install_guards(app: FastAPI, token: str | None) -> None:
-    """Token check, security headers and the JSON error shape."""
+# multipart framing around an uploaded file: boundaries, part headers, the k field
+_FORM_OVERHEAD = 64 * 1024
+
+
+def install_guards(app: FastAPI, token: str | None, max_body: int) -> None:
+    """Token check, Host check, body size cap, security headers and the JSON error shape.
+
+    ``max_body`` is refused from the declared Content-Length, before the form parser spools
+    the body to disk; the upload route checks the bytes it reads as well (chunked requests).
+    """
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -90,6 +98,12 @@ def install_guards(app: FastAPI, token: str | None) -> None:
                     "names or hosts, restart it with --host and a --token"
                 },
                 status_code=403,
+            )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body + _FORM_OVERHEAD:
+            return JSONResponse(
+                {"error": f"the request is over {max_body // 2**20} MiB; send a smaller copy"},
+                status_code=413,
             )
         if token is not None and path.startswith("/api"):
             given = (
