@@ -227,12 +227,14 @@ def main() -> None:
 
     head = (
         "| vectors | index | in-process p50 / p99 ms | HTTP 1 client p50 / p99 ms (req/s) | "
+        "in-process p50 / HTTP p50 | "
         f"HTTP {CLIENTS} clients p50 / p99 ms (req/s) | thumbs/s cold / cached |\n"
-        "|---:|---|---:|---:|---:|---:|\n"
+        "|---:|---|---:|---:|---:|---:|---:|\n"
     )
     lines = [
         f"| {r['n']:,} | {r['key']} | {r['lib'][0]:.1f} / {r['lib'][1]:.1f} | "
         f"{r['one'][0]:.1f} / {r['one'][1]:.1f} ({r['one'][2]:.0f}) | "
+        f"{r['lib'][0] / r['one'][0]:.0f}x | "
         f"{r['many'][0]:.1f} / {r['many'][1]:.1f} ({r['many'][2]:.0f}) | "
         f"{r['thumbs'][0]:.0f} / {r['thumbs'][1]:.0f} |"
         for r in rows
@@ -246,9 +248,9 @@ def main() -> None:
         f"(one worker) in a child process, clients are keep-alive httpx clients in threads of "
         f"the benchmark process. Thumbnails: {N_FILES} ids over {PHOTO[0]}x{PHOTO[1]} JPEGs, "
         f"cold (decode, resize to 256 px, cache) then cached. Machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPUs (shared). `python benchmarks/serve.py`\n\n"
-        + head
-        + "\n".join(lines)
+        f"{os.cpu_count()} CPUs shared with other jobs (load average {os.getloadavg()[0]:.1f} "
+        "at the end: absolute times vary run to run, the ratio less). "
+        "`python benchmarks/serve.py`\n\n" + head + "\n".join(lines)
     )
     print(body)
     if not args.no_write:

@@ -528,3 +528,25 @@ def test_without_a_token_only_loopback_names_are_answered(
 def test_with_a_token_any_host_name_is_answered(served: Path) -> None:
     c = TestClient(create_app(served / "s.store", token="t0k"), base_url="http://photos.lan")
     assert c.get("/api/info", params={"token": "t0k"}).status_code == 200
+
+
+def test_a_slow_view_does_not_block_the_others(served: Path) -> None:
+    import threading
+
+    from embedkit.serve.state import LiveStore
+
+    snap = LiveStore(served / "s.store").current()
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        assert release.wait(10)
+        return "slow"
+
+    t = threading.Thread(target=snap.cached, args=("slow", slow))
+    t.start()
+    assert started.wait(10)
+    assert snap.cached("fast", lambda: "fast") == "fast"  # while "slow" is computing
+    release.set()
+    t.join(10)
+    assert snap.cached("slow", lambda: "again") == "slow"  # computed once

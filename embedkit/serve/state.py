@@ -58,6 +58,7 @@ class Snapshot:
     index: Index | OnDiskIndex | None = None  # None for an empty store
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _key_locks: dict[Any, threading.Lock] = field(default_factory=dict, repr=False)
 
     @property
     def version(self) -> int:
@@ -109,8 +110,16 @@ class Snapshot:
         return hits[:k]
 
     def cached(self, key: Any, compute: Callable[[], T]) -> T:
-        """``compute()`` once per snapshot and key (duplicates at a threshold, the map, ...)."""
+        """``compute()`` once per snapshot and key (duplicates at a threshold, the map, ...).
+
+        One lock per key: a long computation (duplicates of a big store) makes only the
+        requests for the same key wait.
+        """
         with self._lock:
+            if key in self._cache:
+                return self._cache[key]  # type: ignore[no-any-return]
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._cache:
                 self._cache[key] = compute()
             return self._cache[key]  # type: ignore[no-any-return]
