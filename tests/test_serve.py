@@ -355,6 +355,9 @@ def test_probe_predictions_and_confusion(served: Path, tmp_path: Path) -> None:
     cell = c.get("/api/probe/predictions", params={"true": "cats", "predicted": "dogs"}).json()
     assert len(cell) == matrix[0][1]
     assert all(r["label"] == "cats" and r["predicted"] == "dogs" for r in cell)
+    one = c.get("/api/probe/predictions", params={"id": str(rows[-1]["id"])}).json()
+    assert one == [rows[-1]]
+    assert c.get("/api/probe/predictions", params={"id": "../x"}).status_code == 400
     by_id = {r["id"]: r["predicted"] for r in rows}
     for p in probe.classify(store=served / "s.store", top_k=1):
         assert by_id[p.id] == p.top[0].label

@@ -340,5 +340,20 @@ def test_probe_page_shows_mistakes_first_and_cells_open_their_images(
         pg.locator("#probe-confusion td button").nth(0).click()  # true cat, predicted cat
         pg.wait_for_selector("#probe-list-title:has-text('True cat, predicted cat')")
         assert pg.locator("#probe-list .card").count() == counts[0]
+        # the similar view of an image says what the probe predicts for it
+        pg.locator("#probe-confusion td button").nth(3).click()  # true dog, predicted dog
+        pg.wait_for_selector("#probe-list-title:has-text('True dog, predicted dog')")
+        pg.locator("#probe-confusion td button").nth(1).click()  # true cat, predicted dog
+        pg.wait_for_selector("#probe-list-title:has-text('True cat, predicted dog')")
+        card = pg.locator("#probe-list .card").first
+        shown = card.locator(".score").inner_text() if counts[1] else ""
+        pg.goto(url + "#/probe")
+        pg.wait_for_selector("#probe-list .card")
+        first = pg.locator("#probe-list .card").first
+        predicted = first.locator(".score").inner_text().split()[0]
+        first.click()
+        pg.wait_for_selector("#similar-classes .probe-line")
+        assert f"Probe: {predicted} " in pg.locator("#similar-classes").inner_text()
+        assert counts[1] == 0 or "(true cat)" in shown
         assert errors == []
         context.close()

@@ -256,12 +256,17 @@ def create_app(
 
     @app.get("/api/probe/predictions", summary="Probe predictions, misclassified first")
     def probe_predictions(
-        true: str | None = None,
-        predicted: str | None = None,
+        true: Annotated[str | None, Query(description="only images labelled so")] = None,
+        predicted: Annotated[str | None, Query(description="only images predicted so")] = None,
+        id: Annotated[str | None, Query(description="only this stored image")] = None,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 200,
     ) -> list[dict[str, Any]]:
-        rows = view(snap()).predictions(true, predicted)
+        s = snap()
+        rows = view(s).predictions(true, predicted)
+        if id is not None:
+            wanted = int(s.store.ids[row_of(s, id)])
+            rows = [r for r in rows if r["id"] == wanted]
         return rows[offset : offset + limit]
 
     return app

@@ -127,9 +127,18 @@ async function showSimilar(key) {
     el("div", { text: meta.path }),
     el("div", { text: `${meta.width}×${meta.height}, ${formatBytes(meta.size)}, ${date}` })));
   renderHits(hits);
+  if (config && config.probe) {
+    api(`api/probe/predictions?id=${key}`).then(({ body }) => {
+      if (!body.length) return;
+      const r = body[0];
+      const truth = r.label == null ? "" : r.correct ? " (correct)" : ` (labelled ${r.label})`;
+      classes.append(el("p", { class: "probe-line",
+        text: `Probe: ${r.predicted} ${(100 * r.prob).toFixed(0)}%${truth}` }));
+    }).catch(() => {});
+  }
   if (config && config.head) {
     api(`api/classify?id=${key}`).then(({ body }) => {
-      classes.replaceChildren(el("p", { text: "ImageNet: " +
+      classes.append(el("p", { text: "ImageNet: " +
         body.top.map((t) => `${t.label} ${(100 * t.prob).toFixed(1)}%`).join(", ") }));
     }).catch(() => {});
   }
