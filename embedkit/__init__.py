@@ -71,6 +71,8 @@ _EXPORTS = {
     "reroot_store": "store.maintain",
     "train_probe": "classification.train",
     "train_store_probe": "classification.train",
+    "trace": "pipeline.trace",
+    "Trace": "pipeline.trace",
 }
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ if TYPE_CHECKING:
     from .models.embedder import Embedder, embedder_for_store
     from .models.labels import imagenet_labels
     from .models.runtime import RuntimeMismatchError, make_forward
+    from .pipeline.trace import Trace, trace
     from .store.info import store_failures, store_info
     from .store.maintain import prune_store, reroot_store
     from .store.read import Store, open_store
@@ -190,4 +193,6 @@ __all__ = [
     "reroot_store",
     "train_probe",
     "train_store_probe",
+    "trace",
+    "Trace",
 ]
