@@ -73,6 +73,8 @@ _EXPORTS = {
     "train_store_probe": "classification.train",
     "trace": "pipeline.trace",
     "Trace": "pipeline.trace",
+    "compare_models": "pipeline.compare",
+    "ModelComparison": "pipeline.compare",
 }
 
 if TYPE_CHECKING:
@@ -114,6 +116,7 @@ if TYPE_CHECKING:
     from .models.embedder import Embedder, embedder_for_store
     from .models.labels import imagenet_labels
     from .models.runtime import RuntimeMismatchError, make_forward
+    from .pipeline.compare import ModelComparison, compare_models
     from .pipeline.trace import Trace, trace
     from .store.info import store_failures, store_info
     from .store.maintain import prune_store, reroot_store
@@ -195,4 +198,6 @@ __all__ = [
     "train_store_probe",
     "trace",
     "Trace",
+    "compare_models",
+    "ModelComparison",
 ]

@@ -116,3 +116,99 @@ def trace_cmd(
     console.print(t)
     if tr.classifier is None:
         console.print("no classifier: random or headless weights; pass --probe to use yours")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@app.command("compare")
+@run_command
+def compare_cmd(
+    labelled_dir: Annotated[
+        Path,
+        typer.Argument(help="Folder of photos, one subfolder per class.", show_default=False),
+    ],
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Comma-separated presets or timm names, e.g. "
+            "efficientnet_lite0,efficientnet_lite1,resnet50.",
+        ),
+    ] = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", "-l", help="CSV `path,label`; default: parent folder names."),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="Allow random weights (recorded as `random`); without it such models are skipped.",
+        ),
+    ] = False,
+    stores_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--stores-dir", help="Keep each model's store here (reruns reuse them); default temp."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write comparison.json and comparison.png into this folder."),
+    ] = None,
+    chart: Annotated[Path | None, typer.Option("--chart", help="Write the PNG chart here.")] = None,
+    missing: Annotated[
+        str, typer.Option("--missing", help="Images without a label: `error` or `drop`.")
+    ] = "error",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shared split.")] = 0,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Compare models on your labelled photos: k-NN and linear-probe accuracy on one shared
+    group-aware split, end-to-end images/s on this machine, dimension and weights source.
+
+    Models without weights here are listed as skipped, with the reason.
+
+    Example: embedkit compare photos/ --models efficientnet_lite0,efficientnet_lite1 --out cmp
+    """
+    from ..pipeline.compare import compare_models
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    png = chart if chart is not None else (out / "comparison.png" if out is not None else None)
+    results = compare_models(
+        labelled_dir,
+        names,
+        labels=labels,
+        random_init=random_init,
+        stores_dir=stores_dir,
+        missing=missing,
+        seed=seed,
+        device=device,
+        chart=png,
+    )
+    rows = [r.to_dict() for r in results]
+    if out is not None:
+        import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if json_out:
+        print_json(rows)
+        return
+    done = next((r for r in results if not r.skipped), None)
+    split = f"{done.n_train} train / {done.n_test} test images" if done else ""
+    t = Table(title=f"models on {labelled_dir} ({split})", title_justify="left")
+    for col, just in (("model", "left"), ("dim", "right"), ("k-NN acc", "right"),
+                      ("probe acc", "right"), ("img/s", "right"), ("weights", "left")):  # fmt: skip
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in results:
+        if r.skipped:
+            t.add_row(r.model, "-", "-", "-", "-", f"skipped: {r.reason}")
+            continue
+        speed = "-" if r.img_per_s is None else f"{r.img_per_s:.1f}"
+        t.add_row(r.model, str(r.dim), _pct(r.knn_acc), _pct(r.probe_acc), speed, r.weights or "")
+    console.print(t)
+    if png is not None:
+        console.print(f"chart: {png}")
