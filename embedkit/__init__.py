@@ -75,9 +75,12 @@ _EXPORTS = {
     "Trace": "pipeline.trace",
     "compare_models": "pipeline.compare",
     "ModelComparison": "pipeline.compare",
+    "finetune": "classification.finetune",
+    "FinetuneResult": "classification.finetune",
 }
 
 if TYPE_CHECKING:
+    from .classification.finetune import FinetuneResult, finetune
     from .classification.head import classify
     from .classification.knn import knn_classify, knn_evaluate
     from .classification.probe import Probe, load_probe
@@ -200,4 +203,6 @@ __all__ = [
     "Trace",
     "compare_models",
     "ModelComparison",
+    "finetune",
+    "FinetuneResult",
 ]

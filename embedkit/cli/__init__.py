@@ -6,7 +6,7 @@ when imported.
 
 from __future__ import annotations
 
-from . import extract, maintain, pipeline, probe, search  # noqa: F401  (registration)
+from . import extract, finetune, maintain, pipeline, probe, search  # noqa: F401  (registration)
 from ._app import app
 
 __all__ = ["app"]
