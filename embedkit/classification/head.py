@@ -9,6 +9,7 @@ its cached ONNX export when there is one, without importing torch).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,25 +162,49 @@ def _require_head(store: Store) -> tuple[np.ndarray, np.ndarray]:
 
 def classify(
     *,
-    store: Store | str | Path,
+    store: Store | str | Path | None = None,
     images: Sequence[str | Path] | None = None,
     top_k: int = 5,
     device: str = "auto",
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
 ) -> list[Prediction]:
-    """Top-k ImageNet classes from the store's backbone head.
+    """Top-k ImageNet classes from a backbone's own classifier.
+
+    Two forms: with ``store``, the store's model and saved head (stored features, or
+    ``images`` through the store's model); without it, ``images`` through ``model`` (default
+    ``DEFAULT_MODEL``, real weights) and that model's head. Files are decoded exactly as
+    ``extract`` decodes them (``embed`` -> ``load_model_input``).
 
     Args:
         store: the store (or its path); its saved head is applied.
-        images: image files to classify through the store's model; when None, every stored
-            image is classified from its stored features (no backbone run).
+        images: image files to classify; with a store and None, every stored image is
+            classified from its stored features (no backbone run).
         top_k: classes per image, best first.
         device: where the backbone runs for ``images`` (``auto``, ``cpu``, ``cuda``).
+        model: without a store, a preset or timm name (default ``DEFAULT_MODEL``).
+        weights: without a store, a weights file for ``model`` (it must hold the classifier).
+        random_init: refused (a random classifier names no real class); kept so that the
+            error says why instead of a TypeError.
 
     Returns:
         One ``Prediction`` per image, in store order or in the order of ``images``.
+
+    Raises:
+        InvalidArgumentError: ``store`` together with ``model``/``weights``, or no images and
+            no store.
+        ProbeError: the model has no ImageNet classifier (random init, headless weights).
+        WeightsUnavailableError: no weights for ``model``.
     """
     if top_k < 1:
         raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
+    if store is None:
+        return _classify_files(images, model, weights, random_init, top_k, device)
+    if model is not None or weights is not None or random_init:
+        raise InvalidArgumentError(
+            "a store brings its own model: pass either store or model/weights, not both"
+        )
     store = resolve_store(store)
     weight, bias = _require_head(store)
     if images is None:
@@ -194,3 +219,39 @@ def classify(
         paths, ids = [str(p) for p in images], None
     probs = head_probabilities(features, weight, bias)
     return rank_top_k(probs, _imagenet_names(probs.shape[1]), paths, top_k, ids)
+
+
+def _classify_files(
+    images: Sequence[str | Path] | None,
+    model: str | None,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    top_k: int,
+    device: str,
+) -> list[Prediction]:
+    from ..defaults import DEFAULT_MODEL
+
+    name = model or DEFAULT_MODEL
+    if random_init:
+        raise ProbeError(
+            f"a randomly initialised {name} has no ImageNet classifier (its 1000 outputs mean "
+            "nothing); classify with pretrained weights, or train a probe on your own labels "
+            "(embedkit probe train)"
+        )
+    if not images:
+        raise InvalidArgumentError(
+            "nothing to classify: pass image files, or a store to classify its stored images"
+        )
+    from ..extraction.embed import embed
+    from ..models.named import embedder_by_name
+
+    emb = embedder_by_name(name, weights=weights, device=device)
+    if emb.head is None:
+        raise ProbeError(
+            f"{name} ({emb.weights_source}) has no ImageNet classifier: its weights are "
+            "headless or trained on other classes; pass weights that include the 1000-class "
+            "head, or train a probe on your own labels (embedkit probe train)"
+        )
+    features = embed([os.fspath(p) for p in images], model=emb)
+    probs = head_probabilities(features, *emb.head)
+    return rank_top_k(probs, _imagenet_names(probs.shape[1]), [str(p) for p in images], top_k)

@@ -6,7 +6,15 @@ when imported.
 
 from __future__ import annotations
 
-from . import extract, maintain, probe, search, serve  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    extract,
+    finetune,
+    maintain,
+    pipeline,
+    probe,
+    search,
+    serve,
+)
 from ._app import app
 
 __all__ = ["app"]

