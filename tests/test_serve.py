@@ -553,3 +553,17 @@ def test_a_slow_view_does_not_block_the_others(served: Path) -> None:
     release.set()
     t.join(10)
     assert snap.cached("slow", lambda: "again") == "slow"  # computed once
+
+
+def test_api_docs_work_offline(client: TestClient) -> None:
+    """/docs uses the Swagger UI assets installed with the package, not a CDN."""
+    r = client.get("/docs")
+    assert r.status_code == 200 and "SwaggerUIBundle" in r.text
+    assert "cdn" not in r.text.lower() and "https://" not in r.text.split("<body>")[-1]
+    js = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert client.get("/openapi.json").json()["info"]["title"] == "embedkit"
+    # Swagger UI 4 renders OpenAPI 3.0 only: the page reads a copy labelled 3.0.3
+    assert "/docs-openapi.json" in r.text
+    assert client.get("/docs-openapi.json").json()["openapi"] == "3.0.3"

@@ -99,8 +99,13 @@ def create_app(
         title="embedkit",
         version=__version__,
         description=f"Browse, search and review the embedkit store {live.path}.",
+        # FastAPI's own /docs loads Swagger UI from a CDN: blank on an offline machine. The
+        # same assets ship in the swagger-ui-bundle package; /docs serves them from here.
+        docs_url=None,
+        redoc_url=None,
     )
     install_guards(app, token, max_upload_bytes)
+    _offline_docs(app)
 
     def snap() -> Snapshot:
         return live.current()
@@ -299,3 +304,29 @@ def serve_store(
         )
     app = create_app(store, token=token, probe=probe, labels=labels, map_method=map_method)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the installed swagger-ui-bundle assets (no CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs-openapi.json", include_in_schema=False)
+    def docs_spec() -> JSONResponse:
+        # The bundled Swagger UI (4.x) renders OpenAPI 3.0 documents only; FastAPI writes 3.1.
+        # The schema we emit uses nothing 3.0 cannot show, so the page gets a copy labelled
+        # 3.0.3; /openapi.json stays the real 3.1 document for tools.
+        return JSONResponse({**app.openapi(), "openapi": "3.0.3"})
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/docs-openapi.json",
+            title="embedkit API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
