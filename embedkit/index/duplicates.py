@@ -30,7 +30,16 @@ from .keep import DEFAULT_KEEP, check_keep_rule, choose_keeper
 from .lifecycle import Log, open_index
 from .ondisk import OnDiskIndex
 from .ram import Index
-from .verify import N_ORIENT, ORIENTATION_NAMES, Fingerprints, compare, fingerprints
+from .verify import (
+    HASH_ALONE,
+    N_ORIENT,
+    VIEWS,
+    Fingerprints,
+    PixelEvidence,
+    compare,
+    fingerprints,
+    oriented_thumbs,
+)
 
 # The embedding threshold on a photo collection; the default (None) calibrates it per
 # collection (``index.calibrate``), which gives about this on photos. Measured with the default
@@ -38,6 +47,7 @@ from .verify import N_ORIENT, ORIENTATION_NAMES, Fingerprints, compare, fingerpr
 # EXIF-rotated): every edit is >= 0.92 similar to some other copy of its photo.
 DEFAULT_THRESHOLD = 0.90
 DEFAULT_K = 10  # neighbours per vector (and per thumbnail orientation) judged as candidates
+NEAR_BEST = 2  # pHash bits a weak pixel match may be above an image's best match
 BATCH = 4096  # queries per index search: bounds the (BATCH, k) result arrays
 
 
@@ -191,24 +201,38 @@ def _candidates(x: Any, index: Index | OnDiskIndex, k: int, id_arr: np.ndarray) 
 
 
 def _pixel_candidates(fp: Fingerprints, k: int) -> set[tuple[int, int]]:
-    """Row pairs whose thumbnails are among each other's ``k`` most correlated, in any of the
-    8 orientations: copies that the embedding ranks below unrelated look-alikes (resized
-    textiles, greyscale photos) still become candidates. O(N * 8 * k) results."""
+    """Row pairs whose thumbnails are among each other's ``k`` most correlated, per view and
+    in any of the 8 orientations: copies that the embedding ranks below unrelated look-alikes
+    (resized textiles, greyscale photos) still become candidates. O(N * 16 * k) results."""
     rows = np.nonzero(fp.ok)[0]
     if len(rows) < 2:
         return set()
-    index = Index.build(fp.thumb[rows, 0], rows.astype(np.int64), metric="cosine")
     out: set[tuple[int, int]] = set()
     kk = min(k + 1, len(rows))
-    for start in range(0, len(rows), BATCH // N_ORIENT):
-        block = rows[start : start + BATCH // N_ORIENT]
-        q = fp.thumb[block].reshape(-1, fp.thumb.shape[-1])
-        _, nbrs = index.search(np.ascontiguousarray(q), kk)
-        src = np.repeat(block, N_ORIENT)
-        for a, row in zip(src.tolist(), nbrs.tolist(), strict=True):
-            for b in row:
-                if b >= 0 and b != a:
-                    out.add((a, b) if a < b else (b, a))
+    step = max(1, BATCH // N_ORIENT)
+    for view in range(len(VIEWS)):
+        base = fp.thumb[rows, view].astype(np.float32)
+        index = Index.build(base, rows.astype(np.int64), metric="cosine")
+        for start in range(0, len(rows), step):
+            block = rows[start : start + step]
+            q = oriented_thumbs(fp, block, view).reshape(-1, base.shape[1])
+            scores, nbrs = index.search(np.ascontiguousarray(q), kk)
+            # the k best over all 8 orientations together (not k per orientation: 8x junk)
+            scores = scores.reshape(len(block), -1)
+            nbrs = nbrs.reshape(len(block), -1)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            ranked = np.take_along_axis(nbrs, order, axis=1)
+            for a, row in zip(block.tolist(), ranked.tolist(), strict=True):
+                taken = 0
+                for b in row:
+                    if b < 0 or b == a:
+                        continue
+                    pair = (a, b) if a < b else (b, a)
+                    if pair not in out:
+                        out.add(pair)
+                    taken += 1
+                    if taken >= k:
+                        break
     return out
 
 
@@ -228,6 +252,8 @@ def _edges(
     a, b = pairs[:, 0], pairs[:, 1]
     cos = np.array([cand[(i, j)] for i, j in pairs.tolist()], dtype=np.float64)
     pix = compare(fp, a, b) if fp is not None else None
+    if pix is not None:
+        pix = _near_best_only(pix, a, b)
     for i in range(len(pairs)):
         ra, rb, c = int(a[i]), int(b[i]), float(cos[i])
         same = hashes is not None and hashes[ra] and hashes[ra] == hashes[rb]
@@ -236,10 +262,7 @@ def _edges(
             ev, why = "identical", "same content hash (byte-identical files)"
         elif pix is not None and pix.confirmed[i]:
             ev = "pixels"
-            why = (
-                f"pixels: pHash distance {int(pix.distance[i])}/64, luminance correlation "
-                f"{float(pix.corr[i]):.2f} ({ORIENTATION_NAMES[int(pix.orientation[i])]}); {emb}"
-            )
+            why = f"pixels: {pix.describe(i)}; {emb}"
         elif c >= cal.threshold and not cal.homogeneous:
             ev = "embedding"
             if pix is None or not (fp is not None and fp.ok[ra] and fp.ok[rb]):
@@ -258,6 +281,24 @@ def _edges(
         edges.evidence.append(ev)
         edges.why.append(why)
     return edges
+
+
+def _near_best_only(pix: PixelEvidence, a: np.ndarray, b: np.ndarray) -> PixelEvidence:
+    """Drop weak pixel confirmations (distance above ``HASH_ALONE``) that are not within
+    ``NEAR_BEST`` of the best confirmed distance of either image.
+
+    A shared artefact (the black corners of rotated scans, a frame, a stamp) makes unrelated
+    images weakly alike, and one of them becomes a hub linked to dozens: measured on rendered
+    pages, 20 rotated pages joined one group at distances 10-14. A real copy's weak match is
+    (close to) the best match that image has.
+    """
+    d = np.where(pix.confirmed, pix.distance, 65)
+    best = np.full(int(max(a.max(), b.max())) + 1, 65, dtype=np.int64)
+    np.minimum.at(best, a, d)
+    np.minimum.at(best, b, d)
+    near = d <= np.maximum(best[a], best[b]) + NEAR_BEST
+    keep = pix.confirmed & ((pix.distance <= HASH_ALONE) | near)
+    return dataclasses.replace(pix, confirmed=keep)
 
 
 _RANK = {"identical": 2, "pixels": 1, "embedding": 0}
@@ -387,24 +428,31 @@ def group_duplicates(
         if missing:
             cand.update(_cosines(x, missing))
     edges = _edges(x, cand, hashes, cal, fp)
+    edge_of = {
+        (min(a, b), max(a, b)): e for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True))
+    }
     groups = []
     for rows, link in _star_groups(n, edges):
         rows_arr = np.array(sorted(rows), dtype=np.int64)
         v = np.asarray(x[rows_arr], dtype=np.float32)
         unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        groups.append(_group(rows_arr, unit, id_arr, hashes, paths, link, edges))
+        groups.append(_group(rows_arr, unit, id_arr, hashes, paths, link, edges, edge_of))
     groups.sort(key=lambda g: (-len(g.members), -min(m.score for m in g.members)))
     return groups
 
 
 def _cosines(x: Any, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
-    rows = np.unique(np.array(pairs, dtype=np.int64).ravel())
-    v = np.asarray(x[rows], dtype=np.float32)
-    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    a = np.searchsorted(rows, [p[0] for p in pairs])
-    b = np.searchsorted(rows, [p[1] for p in pairs])
-    sims = np.einsum("nd,nd->n", v[a], v[b]).tolist()
-    return {p: float(s) for p, s in zip(pairs, sims, strict=True)}
+    """Cosine of each row pair, BATCH pairs at a time (only those rows are read)."""
+    out: dict[tuple[int, int], float] = {}
+    for start in range(0, len(pairs), BATCH):
+        chunk = pairs[start : start + BATCH]
+        idx = np.array(chunk, dtype=np.int64)
+        va = np.asarray(x[idx[:, 0]], dtype=np.float32)
+        vb = np.asarray(x[idx[:, 1]], dtype=np.float32)
+        norms = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
+        sims = np.einsum("nd,nd->n", va, vb) / np.maximum(norms, 1e-12)
+        out.update(zip(chunk, sims.tolist(), strict=True))
+    return out
 
 
 def _group(
@@ -415,6 +463,7 @@ def _group(
     paths: list[str] | None,
     link: dict[int, int] | None = None,
     edges: _Edges | None = None,
+    edge_of: dict[tuple[int, int], int] | None = None,
 ) -> DuplicateGroup:
     """``rows`` ascending, so the first is the earliest stored.
 
@@ -424,11 +473,6 @@ def _group(
     through a chain showed scores below the threshold. ``link`` (row -> the row whose
     accepted pair put it in the group) and ``edges`` give each member's evidence.
     """
-    edge_of: dict[tuple[int, int], int] = {}
-    if edges is not None:
-        edge_of = {
-            (min(a, b), max(a, b)): e for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True))
-        }
     sims = unit @ unit.T  # groups are small (stars of k-NN edges); (m, m) is fine
     np.fill_diagonal(sims, -np.inf)
     row_hash = [hashes[r] if hashes is not None and hashes[r] else None for r in rows.tolist()]
@@ -448,7 +492,7 @@ def _group(
         score = 1.0 if twins else min(float(sims[i, j]), 1.0)
         linked = link.get(r) if link is not None else None
         evidence, why = "centre", "the group's centre: every other member is linked to it"
-        if linked is not None and edges is not None:
+        if linked is not None and edges is not None and edge_of is not None:
             e = edge_of[(min(r, linked), max(r, linked))]
             evidence, why = edges.evidence[e], edges.why[e]
         elif link is None:

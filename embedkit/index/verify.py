@@ -1,13 +1,16 @@
 """Pixel-level evidence for near-duplicate pairs: a small greyscale fingerprint per image.
 
-Each image is decoded once (EXIF orientation applied, JPEG draft decoding) and reduced to a
-32 x 32 greyscale thumbnail. From it:
-- ``thumb``: a 16 x 16 thumbnail, zero mean and unit norm, so that a dot product is the
-  correlation of the two images' luminance layouts. Brightness, contrast, greyscale and
-  recolouring barely change it (they are close to affine in luminance).
+Each image is decoded once (EXIF orientation applied, JPEG draft decoding), made greyscale
+(so greyscale and recoloured copies compare alike), stripped of flat frames and margins
+(``trim_flat_border``), and looked at in two views: the whole image and its centre
+(``CENTRE`` of each side: what a 5-10% crop, a small rotation's corners or an edge watermark
+leave alone). Per view:
+- ``thumb``: a 16 x 16 thumbnail, zero mean and unit norm, so a dot product is the
+  correlation of the two luminance layouts (brightness/contrast changes barely move it);
 - ``phash``: the 64-bit DCT perceptual hash of each of the 8 turns and mirrors of the
-  thumbnail, so a mirrored or 90-degree-turned copy is compared in its own orientation.
-A pair is compared in the orientation that matches best (``compare``).
+  32 x 32 thumbnail, so a mirrored or 90-degree-turned copy is compared in its own
+  orientation.
+A pair is compared in the views and orientation that match best (``compare``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ SIDE = 32  # thumbnail side the hashes are computed from (pHash's classic 32 x 3
 THUMB = 16  # correlation thumbnail side
 DRAFT = 64  # JPEG draft decoding keeps at least this shorter side: ~10x faster than full size
 N_ORIENT = 8  # identity, 3 turns, and the mirror of each
+CENTRE = 0.92  # the centre view keeps this fraction of each side
+VIEWS = ("whole", "centre")
+# (view of a, view of b) compared: whole-whole, centre-centre (rotated or edge-marked
+# copies), centre of a vs whole of b and back (b or a is a crop of the other).
+VIEW_PAIRS = ((0, 0), (1, 1), (1, 0), (0, 1))
 
 
 def _orientations(a: np.ndarray) -> list[np.ndarray]:
@@ -32,10 +40,22 @@ def _orientations(a: np.ndarray) -> list[np.ndarray]:
     return turns + [np.fliplr(t) for t in turns]
 
 
-def _phash(a: np.ndarray) -> np.uint64:
-    low = dctn(a, type=2, norm="ortho")[:8, :8].ravel()
-    bits = low > np.median(low[1:])  # the DC term is left out of the median, as pHash does
-    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+def _orientation_perms(side: int) -> np.ndarray:
+    """(8, side*side) int: flat index permutations giving each orientation of a flat array."""
+    grid = np.arange(side * side).reshape(side, side)
+    return np.stack([o.ravel() for o in _orientations(grid)])
+
+
+_PERM = _orientation_perms(THUMB)
+_BITS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+def _phashes(stack: np.ndarray) -> np.ndarray:
+    """(M,) uint64 pHashes of an (M, SIDE, SIDE) stack: the top-left 8 x 8 DCT coefficients
+    against their median (the DC term left out of the median, as pHash does)."""
+    low = dctn(stack, type=2, norm="ortho", axes=(1, 2))[:, :8, :8].reshape(len(stack), 64)
+    bits = low > np.median(low[:, 1:], axis=1, keepdims=True)
+    return (bits.astype(np.uint64) * _BITS).sum(axis=1, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
@@ -44,8 +64,10 @@ class Fingerprints:
 
     Attributes:
         ok: (N,) bool, False where the file could not be read (gone, unreadable).
-        phash: (N, 8) uint64, the pHash of each orientation (0 = as displayed).
-        thumb: (N, 8, THUMB*THUMB) float32, unit-norm zero-mean thumbnails per orientation.
+        phash: (N, 2, 8) uint64: per view (whole, centre), the pHash of each orientation
+            (0 = as displayed).
+        thumb: (N, 2, THUMB*THUMB) float16: per view, the unit-norm zero-mean thumbnail as
+            displayed (other orientations are derived when compared).
         errors: row -> why it could not be read.
     """
 
@@ -56,21 +78,50 @@ class Fingerprints:
 
 
 def fingerprint_array(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(8,) pHashes and (8, THUMB*THUMB) thumbnails of one SIDE x SIDE greyscale array."""
-    hashes = np.array([_phash(o) for o in _orientations(grey)], dtype=np.uint64)
+    """(8,) pHashes and (THUMB*THUMB,) thumbnail of one SIDE x SIDE greyscale array."""
+    hashes = _phashes(np.stack(_orientations(grey)))
     small = grey.reshape(THUMB, SIDE // THUMB, THUMB, SIDE // THUMB).mean(axis=(1, 3))
     small = small - small.mean()
     small /= max(float(np.linalg.norm(small)), 1e-6)
-    thumbs = np.stack([o.ravel() for o in _orientations(small)]).astype(np.float32)
-    return hashes, thumbs
+    return hashes, small.ravel().astype(np.float32)
 
 
-def _grey(path: str | os.PathLike[str]) -> np.ndarray:
+# A leading or trailing row/column whose grey levels vary less than this (of 255) is frame or
+# margin, not content: letterboxed, framed and screenshot copies (and pages whose margins a
+# crop cut) are compared on their content. At most MAX_TRIM of each side goes.
+FLAT, MAX_TRIM = 6.0, 0.25
+
+
+def trim_flat_border(a: np.ndarray) -> np.ndarray:
+    """``a`` (H, W) without its flat leading/trailing rows and columns."""
+    h, w = a.shape
+    rows = a.std(axis=1) < FLAT
+    cols = a.std(axis=0) < FLAT
+
+    def run(flags: np.ndarray, limit: int) -> int:
+        n = int(np.argmin(flags)) if not flags.all() else len(flags)
+        return min(n, limit)
+
+    top, bottom = run(rows, int(h * MAX_TRIM)), run(rows[::-1], int(h * MAX_TRIM))
+    left, right = run(cols, int(w * MAX_TRIM)), run(cols[::-1], int(w * MAX_TRIM))
+    if h - top - bottom < 4 or w - left - right < 4:
+        return a  # (nearly) all flat: nothing to trim to
+    return a[top : h - bottom, left : w - right]
+
+
+def _views(path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """The whole and centre views of one file, each SIDE x SIDE greyscale."""
     from PIL import Image
 
     img = open_rgb(path, draft_size=DRAFT).image.convert("L")
-    img = img.resize((SIDE, SIDE), Image.Resampling.BOX, reducing_gap=None)
-    return np.asarray(img, dtype=np.float32)
+    a = trim_flat_border(np.asarray(img, dtype=np.float32))
+    h, w = a.shape
+    dh, dw = int(h * (1 - CENTRE) / 2), int(w * (1 - CENTRE) / 2)
+    out = []
+    for view in (a, a[dh : h - dh, dw : w - dw]):
+        small = Image.fromarray(view).resize((SIDE, SIDE), Image.Resampling.BOX)
+        out.append(np.asarray(small, dtype=np.float32))
+    return out
 
 
 def fingerprints(paths: list[str | None]) -> Fingerprints:
@@ -78,23 +129,30 @@ def fingerprints(paths: list[str | None]) -> Fingerprints:
     recorded in ``errors`` (its row stays ``ok = False``)."""
     n = len(paths)
     ok = np.zeros(n, dtype=bool)
-    ph = np.zeros((n, N_ORIENT), dtype=np.uint64)
-    th = np.zeros((n, N_ORIENT, THUMB * THUMB), dtype=np.float32)
+    ph = np.zeros((n, len(VIEWS), N_ORIENT), dtype=np.uint64)
+    th = np.zeros((n, len(VIEWS), THUMB * THUMB), dtype=np.float16)
     errors: dict[int, str] = {}
     for i, p in enumerate(paths):
         if p is None:
             errors[i] = "no file (bare vectors)"
             continue
         try:
-            ph[i], th[i] = fingerprint_array(_grey(p))
+            views = _views(p)
         except ImageDecodeError as e:
-            errors[i] = f"{e.reason}: {e}" if hasattr(e, "reason") else str(e)
+            errors[i] = str(e)
             continue
         except OSError as e:
             errors[i] = f"{type(e).__name__}: {e.strerror or e}"
             continue
+        for v, grey in enumerate(views):
+            ph[i, v], th[i, v] = fingerprint_array(grey)
         ok[i] = True
     return Fingerprints(ok, ph, th, errors)
+
+
+def oriented_thumbs(fp: Fingerprints, rows: np.ndarray, view: int) -> np.ndarray:
+    """(P, 8, THUMB*THUMB) float32: the thumbnails of ``rows`` in all 8 orientations."""
+    return fp.thumb[rows, view].astype(np.float32)[:, _PERM]
 
 
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -115,10 +173,10 @@ ORIENTATION_NAMES = (
 # types): a pHash distance this small alone is a copy (resized, re-compressed, re-exposed,
 # greyscale, mirrored or EXIF-turned: distances 0-8; unrelated images: >= 8, 1 pair in ~30k
 # below 6)...
-HASH_ALONE = 6
+HASH_ALONE = 8
 # ...or a moderate distance together with a high luminance correlation (recoloured and
 # watermarked copies: distance 10-16 at correlation 0.7-0.9 fail one of the two).
-HASH_WITH_CORR, CORR = 10, 0.90
+HASH_WITH_CORR, CORR = 14, 0.80
 
 
 @dataclass(frozen=True)
@@ -128,18 +186,42 @@ class PixelEvidence:
     distance: np.ndarray  # (P,) int: pHash bits that differ, of 64
     corr: np.ndarray  # (P,) float: luminance correlation of 16 x 16 thumbnails
     orientation: np.ndarray  # (P,) int: index into ORIENTATION_NAMES
+    views: np.ndarray  # (P,) int: index into VIEW_PAIRS
     confirmed: np.ndarray  # (P,) bool: the pixel rule says copy
+
+    def describe(self, i: int) -> str:
+        va, vb = VIEW_PAIRS[int(self.views[i])]
+        where = "" if (va, vb) == (0, 0) else f", {VIEWS[va]} vs {VIEWS[vb]}"
+        return (
+            f"pHash distance {int(self.distance[i])}/64, luminance correlation "
+            f"{float(self.corr[i]):.2f} ({ORIENTATION_NAMES[int(self.orientation[i])]}{where})"
+        )
 
 
 def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray) -> PixelEvidence:
-    """For row pairs (a[i], b[i]): the smallest pHash distance and the largest thumbnail
-    correlation over the 8 orientations of b against a as displayed. Pairs with an unreadable
-    side are never confirmed."""
-    dists = hamming(fp.phash[a, :1], fp.phash[b])
-    corrs = np.einsum("nd,nod->no", fp.thumb[a, 0], fp.thumb[b])
-    orient = dists.argmin(axis=1)
-    take = np.arange(len(a))
-    dist, corr = dists[take, orient], corrs[take, orient]
+    """For row pairs (a[i], b[i]): the pHash distance and thumbnail correlation of the view
+    pair and orientation of b (against a as displayed) with the smallest distance. Pairs with
+    an unreadable side are never confirmed."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    p = len(a)
+    take = np.arange(p)
+    best_d = np.full(p, 65, dtype=np.int64)
+    best_c = np.zeros(p, dtype=np.float64)
+    best_o = np.zeros(p, dtype=np.int64)
+    best_v = np.zeros(p, dtype=np.int64)
+    for v, (va, vb) in enumerate(VIEW_PAIRS):
+        dists = hamming(fp.phash[a, va, :1], fp.phash[b, vb])  # (P, 8)
+        orient = dists.argmin(axis=1)
+        d = dists[take, orient]
+        ta = fp.thumb[a, va].astype(np.float32)
+        tb = fp.thumb[b, vb].astype(np.float32)[take[:, None], _PERM[orient]]
+        c = np.einsum("nd,nd->n", ta, tb)
+        # the best view pair: smallest distance, ties to the higher correlation
+        better = (d < best_d) | ((d == best_d) & (c > best_c))
+        best_d = np.where(better, d, best_d)
+        best_c = np.where(better, c, best_c)
+        best_o = np.where(better, orient, best_o)
+        best_v = np.where(better, v, best_v)
     ok = fp.ok[a] & fp.ok[b]
-    confirmed = ok & ((dist <= HASH_ALONE) | ((dist <= HASH_WITH_CORR) & (corr >= CORR)))
-    return PixelEvidence(dist, corr, orient, confirmed)
+    confirmed = ok & ((best_d <= HASH_ALONE) | ((best_d <= HASH_WITH_CORR) & (best_c >= CORR)))
+    return PixelEvidence(best_d, best_c, best_o, best_v, confirmed)
