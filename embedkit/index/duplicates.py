@@ -292,7 +292,7 @@ def _near_best_only(pix: PixelEvidence, a: np.ndarray, b: np.ndarray) -> PixelEv
     pages, 20 rotated pages joined one group at distances 10-14. A real copy's weak match is
     (close to) the best match that image has.
     """
-    d = np.where(pix.confirmed, pix.distance, 65)
+    d = np.where(pix.confirmed, pix.score, 65)
     best = np.full(int(max(a.max(), b.max())) + 1, 65, dtype=np.int64)
     np.minimum.at(best, a, d)
     np.minimum.at(best, b, d)
