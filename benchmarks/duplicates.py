@@ -16,7 +16,8 @@ collection). Pair-level precision/recall/F1: every pair of files in one group.
 
 Each method runs in a child process (time from files to groups; peak RSS of that process).
 embedkit's time includes extraction (efficientnet_lite0 on CPU) and is also given without it.
-Writes the ``duplicates`` section of benchmarks/RESULTS.md.
+Writes the ``duplicates`` section of benchmarks/RESULTS.md. About 6-7 minutes on the shared
+2-core machine, most of it extraction and the peers' start-up; ``--textiles 150`` is quicker.
 """
 
 from __future__ import annotations
@@ -193,7 +194,9 @@ def main() -> None:
             f"Machine: {os.cpu_count()} CPUs (shared). Defaults for embedkit (efficientnet_lite0, "
             "calibrated threshold, pixel checks); each hash at its best threshold on the tune "
             f"split. Textiles subsampled to {a.textiles} originals. Time: files to groups, in a "
-            "child process; memory: its peak RSS.",
+            "child process; memory: its peak RSS (embedkit's includes the CNN extraction). "
+            "embedkit's pixel-rule constants (verify.py) and calibration fraction were chosen "
+            "on the tune split of these collections; the held-out families were not looked at.",
             "",
             "| collection | method | tune P / R / F1 | held-out P / R / F1 | seconds | peak MB |",
             "|---|---|---|---|---|---|",

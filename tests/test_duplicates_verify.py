@@ -131,7 +131,7 @@ def test_pixels_find_copies_the_embedding_cannot(tmp_path: Path) -> None:
     for copy in copies:
         m = by_path[copy]
         if m.evidence != "centre":
-            assert m.evidence == "pixels" and m.why.startswith("pixels: pHash distance")
+            assert m.evidence == "pixels" and "pixels: pHash distance" in m.why
     mirror = by_path[str(tmp_path / "tex" / "t00_mirror.png")]
     assert mirror.evidence == "centre" or "mirrored" in mirror.why
     # without pixel checks the same vectors find nothing: the evidence really is the pixels

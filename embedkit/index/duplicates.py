@@ -494,7 +494,8 @@ def _group(
         evidence, why = "centre", "the group's centre: every other member is linked to it"
         if linked is not None and edges is not None and edge_of is not None:
             e = edge_of[(min(r, linked), max(r, linked))]
-            evidence, why = edges.evidence[e], edges.why[e]
+            other = os.path.basename(paths[linked]) if paths is not None else f"id {ids[linked]}"
+            evidence, why = edges.evidence[e], f"with {other}: {edges.why[e]}"
         elif link is None:
             evidence, why = "embedding", ""
         built.append(
