@@ -85,9 +85,17 @@ def _texture(seed: int, size: int = 96) -> Image.Image:
     return Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)
 
 
+def _framed(im: Image.Image) -> Image.Image:
+    """A white letterbox frame around the image (as reposts and screenshots add)."""
+    pad = im.width // 8
+    out = Image.new("RGB", (im.width + 2 * pad, im.height + 2 * pad), (255, 255, 255))
+    out.paste(im, (pad, pad))
+    return out
+
+
 def _write_textures(root: Path) -> tuple[list[str], dict[str, str]]:
-    """20 distinct textures; texture 0 has greyscale, mirrored, recoloured and brighter
-    copies, texture 1 an EXIF-turned copy. Returns (paths, copy -> original)."""
+    """20 distinct textures; texture 0 has greyscale, mirrored, recoloured, brighter and
+    framed copies, texture 1 an EXIF-turned copy. Returns (paths, copy -> original)."""
     root.mkdir(parents=True, exist_ok=True)
     paths, copies = [], {}
     for i in range(20):
@@ -102,6 +110,7 @@ def _write_textures(root: Path) -> tuple[list[str], dict[str, str]]:
         "mirror": base.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
         "recolour": Image.merge("RGB", (b, r, g)),
         "bright": ImageEnhance.Brightness(base).enhance(1.2),
+        "framed": _framed(base),
     }
     for name, im in edits.items():
         p = root / f"t00_{name}.png"
@@ -185,3 +194,39 @@ def test_cli_explain_and_json_say_why(tmp_path: Path) -> None:
     r = runner.invoke(app, ["duplicates", str(store), "--explain"])
     assert r.exit_code == 0, r.output
     assert "pHash" in r.stdout and "pixels" in r.stdout
+
+
+def test_flat_frames_are_trimmed_before_hashing() -> None:
+    from embedkit.index.verify import trim_flat_border
+
+    rng = np.random.default_rng(0)
+    content = rng.uniform(0, 255, (40, 30)).astype(np.float32)
+    framed = np.full((60, 50), 250.0, dtype=np.float32)
+    framed[8:48, 12:42] = content
+    np.testing.assert_array_equal(trim_flat_border(framed), content)
+    flat = np.full((20, 20), 7.0, dtype=np.float32)
+    assert trim_flat_border(flat).shape == (20, 20)  # nothing but frame: left alone
+
+
+def test_a_weak_match_shared_by_many_is_dropped_unless_near_best() -> None:
+    from embedkit.index.duplicates import _near_best_only
+    from embedkit.index.verify import PixelEvidence
+
+    # image 0 is weakly (distance 13) like 1..5 - a shared artefact - while it and each of
+    # them have a much closer match of their own (13, and 6..10: distance 2): those weak
+    # pairs are near neither side's best and go. Pair (11, 12) is weak but the best either
+    # has, so it stays.
+    a = np.array([0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 11])
+    b = np.array([1, 2, 3, 4, 5, 13, 6, 7, 8, 9, 10, 12])
+    dist = np.array([13, 13, 13, 13, 13, 2, 2, 2, 2, 2, 2, 13])
+    p = len(a)
+    pix = PixelEvidence(
+        distance=dist,
+        corr=np.full(p, 0.9),
+        orientation=np.zeros(p, dtype=np.int64),
+        views=np.zeros(p, dtype=np.int64),
+        dhash=np.full(p, 64),
+        confirmed=np.ones(p, dtype=bool),
+    )
+    kept = _near_best_only(pix, a, b).confirmed
+    assert kept.tolist() == [False] * 5 + [True] * 7

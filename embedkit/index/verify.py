@@ -101,6 +101,8 @@ def trim_flat_border(a: np.ndarray) -> np.ndarray:
     h, w = a.shape
     rows = a.std(axis=1) < FLAT
     cols = a.std(axis=0) < FLAT
+    if rows.all() or cols.all():
+        return a  # no content row or column to trim to
 
     def run(flags: np.ndarray, limit: int) -> int:
         n = int(np.argmin(flags)) if not flags.all() else len(flags)
