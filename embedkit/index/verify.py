@@ -16,6 +16,7 @@ A pair is compared in the views and orientation that match best (``compare``).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..images.decode import ImageDecodeError, open_rgb
 SIDE = 32  # thumbnail side the hashes are computed from (pHash's classic 32 x 32)
 THUMB = 16  # correlation thumbnail side
 DRAFT = 64  # JPEG draft decoding keeps at least this shorter side: ~10x faster than full size
+READ_BLOCK = 1024  # files in flight at once while fingerprinting
 N_ORIENT = 8  # identity, 3 turns, and the mirror of each
 CENTRE = 0.92  # the centre view keeps this fraction of each side
 VIEWS = ("whole", "centre")
@@ -130,31 +132,43 @@ def _views(path: str | os.PathLike[str]) -> list[np.ndarray]:
     return out
 
 
-def fingerprints(paths: list[str | None]) -> Fingerprints:
+def _read(path: str | None) -> list[np.ndarray] | str:
+    """The views of one file, or why it could not be read."""
+    if path is None:
+        return "no file (bare vectors)"
+    try:
+        return _views(path)
+    except ImageDecodeError as e:
+        return str(e)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+
+
+def fingerprints(paths: list[str | None], *, threads: int | None = None) -> Fingerprints:
     """Fingerprints of the images at ``paths``; a path that is None or cannot be decoded is
-    recorded in ``errors`` (its row stays ``ok = False``)."""
+    recorded in ``errors`` (its row stays ``ok = False``).
+
+    Files are decoded by ``threads`` threads (default: one per CPU, at most 8): Pillow
+    releases the GIL while decoding, which is most of the work.
+    """
     n = len(paths)
     ok = np.zeros(n, dtype=bool)
     ph = np.zeros((n, len(VIEWS), N_ORIENT), dtype=np.uint64)
     th = np.zeros((n, len(VIEWS), THUMB * THUMB), dtype=np.float16)
     dh = np.zeros((n, len(VIEWS)), dtype=np.uint64)
     errors: dict[int, str] = {}
-    for i, p in enumerate(paths):
-        if p is None:
-            errors[i] = "no file (bare vectors)"
-            continue
-        try:
-            views = _views(p)
-        except ImageDecodeError as e:
-            errors[i] = str(e)
-            continue
-        except OSError as e:
-            errors[i] = f"{type(e).__name__}: {e.strerror or e}"
-            continue
-        for v, grey in enumerate(views):
-            ph[i, v], th[i, v] = fingerprint_array(grey)
-            dh[i, v] = _dhash(grey)
-        ok[i] = True
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, n, READ_BLOCK):  # a block at a time: N futures would not fit
+            block = pool.map(_read, paths[start : start + READ_BLOCK])
+            for i, views in enumerate(block, start):
+                if isinstance(views, str):
+                    errors[i] = views
+                    continue
+                for v, grey in enumerate(views):
+                    ph[i, v], th[i, v] = fingerprint_array(grey)
+                    dh[i, v] = _dhash(grey)
+                ok[i] = True
     return Fingerprints(ok, ph, th, dh, errors)
 
 
