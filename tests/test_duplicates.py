@@ -1,4 +1,4 @@
-"""Duplicate groups: exact by content hash, near by k-NN graph + union-find; real photo edits."""
+"""Duplicate groups: exact by content hash, near by k-NN graph + star groups; real photo edits."""
 
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def test_exact_duplicates_group_even_when_vectors_differ() -> None:
     assert any({m.id for m in g.members} == {ids[50], ids[60]} for g in groups)
 
 
-def test_chains_join_through_union_find() -> None:
-    # a -> b -> c each 0.97 apart, a-c lower; with k=1 they still end in one group
+def test_a_short_chain_is_one_star_around_its_middle() -> None:
+    # a -> b -> c each 0.97 apart, a-c lower; with k=1 they still end in one group, b at its
+    # centre (a longer chain does not: test_duplicates_verify.test_a_long_chain_is_not_one_group)
     rng = np.random.default_rng(3)
     base = rng.standard_normal((50, 32)).astype(np.float32)
     step = rng.standard_normal(32).astype(np.float32)
@@ -101,6 +102,7 @@ def test_chains_join_through_union_find() -> None:
     ids = np.arange(len(x))
     groups = group_duplicates(x, ids, threshold=0.95, k=1)
     assert {m.id for m in groups[0].members} == {0, 50, 51}
+    assert {m.id for m in groups[0].members if m.evidence == "centre"} == {50}
 
 
 def test_uses_a_given_index_and_refuses_l2() -> None:

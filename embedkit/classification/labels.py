@@ -168,16 +168,18 @@ def near_duplicate_groups(
     """Split groups: byte-identical files and near duplicates (resized, re-compressed,
     cropped, rotated copies) share a group, so no copy of a test image is trained on.
 
-    Near duplicates are the groups ``embedkit duplicates`` finds at ``threshold`` (its default,
-    0.90 cosine). On a homogeneous collection (textures, documents) the similarity graph chains
-    distinct images into a giant component; a component holding more than
+    Near duplicates are the groups ``embedkit duplicates`` finds by embedding at ``threshold``
+    (default: calibrated on the features' background, ~0.90 on photos; on a homogeneous
+    collection the embedding alone groups nothing). With an explicit threshold on a homogeneous
+    collection (textures, documents) the similarity graph can still join distinct images
+    into large groups; a group holding more than
     ``max_group_fraction`` of the rows (and more than 10) is such a chain, not a set of copies,
     and its rows fall back to their content-hash groups.
 
     Returns:
         (N,) group keys (strings): a content hash, or ``dup:<id>`` for a near-duplicate group.
     """
-    from ..index.duplicates import DEFAULT_THRESHOLD, group_duplicates
+    from ..index.duplicates import group_duplicates
 
     groups = np.asarray(hashes, dtype=object).astype(str).astype(object)
     if len(features) < 2 or (threshold is not None and threshold >= 1.0):
@@ -186,7 +188,7 @@ def near_duplicate_groups(
         features,
         np.arange(len(features)),
         list(hashes),
-        DEFAULT_THRESHOLD if threshold is None else threshold,
+        threshold,  # None: calibrated on these features, as `embedkit duplicates` does
     )
     limit = max(10, int(max_group_fraction * len(features)))
     for g in found:

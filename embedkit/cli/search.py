@@ -196,9 +196,14 @@ class KeepChoice(str, enum.Enum):
 def duplicates_cmd(
     store: StoreArg,
     threshold: Annotated[
-        float,
-        typer.Option(help="Cosine similarity at or above which two images are near duplicates."),
-    ] = DEFAULT_THRESHOLD,
+        float | None,
+        typer.Option(
+            help="Embedding cosine at or above which two images are copies without pixel "
+            f"evidence. Default: calibrated on the store's background (about {DEFAULT_THRESHOLD} "
+            "on photos; on a homogeneous collection only pixel-confirmed pairs count).",
+            show_default=False,
+        ),
+    ] = None,
     k: Annotated[
         int, typer.Option("-k", min=1, help="Neighbours looked up per image.")
     ] = DEFAULT_K,
@@ -226,16 +231,34 @@ def duplicates_cmd(
             "there; `embedkit undo-move LIST` puts them back. Never deletes.",
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Say for each member why it was judged a copy (identical bytes, pixels with "
+            "pHash distance and correlation, or embedding cosine). JSON always has it.",
+        ),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Decode candidate pairs' files and compare pixels (default). --no-verify "
+            "judges by the embedding alone.",
+        ),
+    ] = True,
     json_: JsonOpt = False,
     csv_: CsvOpt = False,
 ) -> None:
     """Group exact and near duplicates, suggest a keeper per group, list or move aside the rest.
 
-    Exact: same content hash. Near: resized, re-compressed, rotated, cropped copies whose
-    vectors are at least --threshold similar. Nothing is ever deleted.
+    Exact: same content hash. Near: resized, re-compressed, greyscale, recoloured, mirrored,
+    EXIF-turned copies confirmed by their pixels, and (outside homogeneous collections)
+    cropped, rotated or overlaid copies whose embeddings are above the calibrated threshold.
+    Groups are stars around one centre, never chains. Nothing is ever deleted.
     """
     fmt = _format(json_, csv_)
-    groups = find_duplicates(store, threshold, k=k, keep=keep.value, log=_log)
+    groups = find_duplicates(store, threshold, k=k, keep=keep.value, verify=verify, log=_log)
     if move_to is not None:
         report = move_duplicates(groups, store, move_to)
         _print_moves(report, fmt, "moved")
@@ -243,7 +266,7 @@ def duplicates_cmd(
     if to_remove:
         _print_to_remove(groups, fmt)
     else:
-        _print_duplicates(groups, fmt)
+        _print_duplicates(groups, fmt, explain)
     images = sum(len(g.members) for g in groups)
     identical = sum(g.identical_copies for g in groups)
     summary = (
@@ -298,6 +321,8 @@ def _print_to_remove(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
                     "keeper": kp.path,
                     "score": m.score,
                     "exact": m.exact,
+                    "evidence": m.evidence,
+                    "why": m.why,
                 }
                 for n, m, kp in rows
             ]
@@ -314,32 +339,36 @@ def _print_to_remove(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
         sys.stdout.flush()
 
 
-def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat) -> None:
+def _print_duplicates(groups: list[DuplicateGroup], fmt: OutputFormat, explain: bool) -> None:
     if fmt is OutputFormat.json:
         print_json([[m.to_dict() for m in g.members] for g in groups])
     elif fmt is OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         header = ["group", "rank", "keep", "score", "closest", "exact", "identical_to", "id"]
-        writer.writerow([*header, "path"])
+        writer.writerow([*header, "path", "evidence", "linked_to", "why"])
         for n, g in enumerate(groups, 1):
             for rank, m in enumerate(g.members, 1):
                 twins = " ".join(map(str, m.identical_to))
                 row = [n, rank, int(m.keep), f"{m.score:.6f}", m.closest, int(m.exact), twins]
-                writer.writerow([*row, m.id, m.path])
+                writer.writerow([*row, m.id, m.path, m.evidence, m.linked_to, m.why])
     else:
         table = Table()
         table.add_column("group", justify="right")
         table.add_column("score", justify="right")
         table.add_column("")
         table.add_column("path", overflow="fold")
+        if explain:
+            table.add_column("why", overflow="fold")
         for n, g in enumerate(groups, 1):
             for rank, m in enumerate(g.members):
-                table.add_row(
+                cells = [
                     str(n) if rank == 0 else "",
                     f"{m.score:.4f}",
-                    ("keep " if m.keep else "") + ("identical" if m.exact else ""),
+                    ("keep " if m.keep else "") + ("identical" if m.exact else m.evidence),
                     str(m.path),
-                    end_section=rank == len(g.members) - 1,
-                )
+                ]
+                if explain:
+                    cells.append(m.why)
+                table.add_row(*cells, end_section=rank == len(g.members) - 1)
         if groups:
             console.print(table)

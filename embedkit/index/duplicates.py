@@ -1,8 +1,14 @@
-"""Exact and near-duplicate groups: content hashes plus a k-nearest-neighbour graph.
+"""Exact and near-duplicate groups: content hashes, a k-nearest-neighbour graph, pixel checks.
 
-Every vector asks the index for its ``k`` nearest neighbours; pairs at or above the similarity
-threshold are edges, and union-find joins them (and rows with the same content hash) into
-groups. Memory is O(N * k) at most for the edges and O(N) for the union-find, never N x N.
+Every vector asks the index for its ``k`` nearest neighbours, and (when the files are there)
+every image's thumbnail, in its 8 turns and mirrors, asks for its ``k`` most correlated
+thumbnails: these pairs are the candidates, O(N * k). A candidate pair is kept when the files
+are byte-identical, when the pixels confirm it (``index.verify``: pHash and luminance
+correlation, robust to greyscale, recolouring, mirroring and EXIF turns), or when the
+embedding alone is above a threshold calibrated on the collection's background
+(``index.calibrate``; never on a homogeneous collection, where unrelated images are as close
+as copies). Kept pairs form star-shaped groups around a centre, so nothing chains. Each member
+records the evidence that put it in its group. Memory is O(N * k), never N x N.
 """
 
 from __future__ import annotations
@@ -19,17 +25,29 @@ import pyarrow.compute as pc
 from ..errors import IndexStateError, InvalidArgumentError
 from ..images.move import MoveReport, PlannedMove, move_files
 from ..store.read import STATUS_OK, Store, open_store
+from .calibrate import Calibration, calibrate
 from .keep import DEFAULT_KEEP, check_keep_rule, choose_keeper
 from .lifecycle import Log, open_synced
 from .ondisk import OnDiskIndex
 from .ram import Index
+from .verify import (
+    HASH_ALONE,
+    N_ORIENT,
+    VIEWS,
+    Fingerprints,
+    PixelEvidence,
+    compare,
+    fingerprints,
+    oriented_thumbs,
+)
 
-# Cosine similarity that joins two images. Measured with the default efficientnet_lite0 on six
-# photos and four edits of each (half size, JPEG q30, 5% crop, EXIF-rotated): every edit is
-# >= 0.92 similar to some other copy of its photo (0.85 to the farthest), while different
-# photos score <= 0.34. 0.95 left a third of those edits out of their group.
+# The embedding threshold on a photo collection; the default (None) calibrates it per
+# collection (``index.calibrate``), which gives about this on photos. Measured with the default
+# efficientnet_lite0 on six photos and four edits of each (half size, JPEG q30, 5% crop,
+# EXIF-rotated): every edit is >= 0.92 similar to some other copy of its photo.
 DEFAULT_THRESHOLD = 0.90
-DEFAULT_K = 10  # neighbours per vector; bigger groups still connect through chains
+DEFAULT_K = 10  # neighbours per vector (and per thumbnail orientation) judged as candidates
+NEAR_BEST = 2  # pHash bits a weak pixel match may be above an image's best match
 BATCH = 4096  # queries per index search: bounds the (BATCH, k) result arrays
 
 
@@ -49,6 +67,12 @@ class DuplicateMember:
         width, height, size, mtime_ns: as recorded in the store (None for bare arrays).
         keep: the suggested keeper of its group (see ``index.keep``); the others are the
             copies ``--to-remove`` lists.
+        evidence: what put this member in its group: ``identical`` (same content hash),
+            ``pixels`` (pHash/correlation confirmed), ``embedding`` (cosine above the
+            threshold, pixels not confirming or unreadable), or ``centre`` (the member the
+            others are linked to).
+        linked_to: id of the member whose pair with this one was accepted (None: centre).
+        why: the evidence in words, with the numbers (``duplicates --explain``).
     """
 
     id: int
@@ -62,6 +86,9 @@ class DuplicateMember:
     size: int | None = None
     mtime_ns: int | None = None
     keep: bool = False
+    evidence: str = "embedding"
+    linked_to: int | None = None
+    why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -140,49 +167,225 @@ class _RowView:
         return np.asarray(self.array[self.rows[item]], dtype=np.float32)
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))  # a list: element access is ~10x faster than numpy's
+@dataclass(frozen=True)
+class _Edges:
+    """Accepted pairs (row a, row b) with their evidence, one entry per unordered pair."""
 
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]  # path halving
-            a = parent[a]
-        return a
+    a: list[int]
+    b: list[int]
+    cosine: list[float]
+    evidence: list[str]  # identical / pixels / embedding
+    why: list[str]
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # the smaller row becomes the root, so a group's root is its earliest row
-            self.parent[max(ra, rb)] = min(ra, rb)
+
+def _candidates(x: Any, index: Index | OnDiskIndex, k: int, id_arr: np.ndarray) -> dict:
+    """Unordered row pairs among every row's ``k`` nearest neighbours -> cosine."""
+    n = len(x)
+    order = np.argsort(id_arr)
+    sorted_ids = id_arr[order]
+    pairs: dict[tuple[int, int], float] = {}
+    for start in range(0, n, BATCH):
+        stop = min(start + BATCH, n)
+        scores, nbrs = index.search(np.ascontiguousarray(x[start:stop]), min(k + 1, n))
+        q_rows, cols = np.nonzero(nbrs >= 0)
+        nbr_ids = nbrs[q_rows, cols]
+        pos = np.clip(np.searchsorted(sorted_ids, nbr_ids), 0, n - 1)
+        known = sorted_ids[pos] == nbr_ids
+        sc = scores[q_rows, cols][known].tolist()
+        for a, b, c in zip(
+            (q_rows + start)[known].tolist(), order[pos][known].tolist(), sc, strict=True
+        ):
+            if a != b:
+                pairs[(a, b) if a < b else (b, a)] = float(c)
+    return pairs
+
+
+def _pixel_candidates(fp: Fingerprints, k: int) -> set[tuple[int, int]]:
+    """Row pairs whose thumbnails are among each other's ``k`` most correlated, per view and
+    in any of the 8 orientations: copies that the embedding ranks below unrelated look-alikes
+    (resized textiles, greyscale photos) still become candidates. O(N * 16 * k) results."""
+    rows = np.nonzero(fp.ok)[0]
+    if len(rows) < 2:
+        return set()
+    out: set[tuple[int, int]] = set()
+    kk = min(k + 1, len(rows))
+    step = max(1, BATCH // N_ORIENT)
+    for view in range(len(VIEWS)):
+        base = fp.thumb[rows, view].astype(np.float32)
+        index = Index.build(base, rows.astype(np.int64), metric="cosine")
+        for start in range(0, len(rows), step):
+            block = rows[start : start + step]
+            q = oriented_thumbs(fp, block, view).reshape(-1, base.shape[1])
+            scores, nbrs = index.search(np.ascontiguousarray(q), kk)
+            # the k best over all 8 orientations together (not k per orientation: 8x junk)
+            scores = scores.reshape(len(block), -1)
+            nbrs = nbrs.reshape(len(block), -1)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            ranked = np.take_along_axis(nbrs, order, axis=1)
+            for a, row in zip(block.tolist(), ranked.tolist(), strict=True):
+                taken = 0
+                for b in row:
+                    if b < 0 or b == a:
+                        continue
+                    pair = (a, b) if a < b else (b, a)
+                    if pair not in out:
+                        out.add(pair)
+                    taken += 1
+                    if taken >= k:
+                        break
+    return out
+
+
+def _edges(
+    x: Any,
+    cand: dict[tuple[int, int], float],
+    hashes: Any,
+    cal: Calibration,
+    fp: Fingerprints | None,
+) -> _Edges:
+    """Judge every candidate pair: identical bytes, pixels confirm, or (outside homogeneous
+    collections) the embedding alone is at or above the calibrated threshold."""
+    edges = _Edges([], [], [], [], [])
+    if not cand:
+        return edges
+    pairs = np.array(sorted(cand), dtype=np.int64)
+    a, b = pairs[:, 0], pairs[:, 1]
+    cos = np.array([cand[(i, j)] for i, j in pairs.tolist()], dtype=np.float64)
+    pix = compare(fp, a, b) if fp is not None else None
+    if pix is not None:
+        pix = _near_best_only(pix, a, b)
+    for i in range(len(pairs)):
+        ra, rb, c = int(a[i]), int(b[i]), float(cos[i])
+        same = hashes is not None and hashes[ra] and hashes[ra] == hashes[rb]
+        emb = f"embedding cosine {c:.3f}"
+        if same:
+            ev, why = "identical", "same content hash (byte-identical files)"
+        elif pix is not None and pix.confirmed[i]:
+            ev = "pixels"
+            why = f"pixels: {pix.describe(i)}; {emb}"
+        elif c >= cal.threshold and not cal.homogeneous:
+            ev = "embedding"
+            if pix is None or not (fp is not None and fp.ok[ra] and fp.ok[rb]):
+                unread = "no files to compare" if fp is None else "a file could not be read"
+                why = f"{emb} >= {cal.threshold:.3f} (pixels not checked: {unread})"
+            else:
+                why = (
+                    f"{emb} >= {cal.threshold:.3f}; pixels differ (pHash distance "
+                    f"{int(pix.distance[i])}/64: cropped, rotated, framed or overlaid copy)"
+                )
+        else:
+            continue
+        edges.a.append(ra)
+        edges.b.append(rb)
+        edges.cosine.append(c)
+        edges.evidence.append(ev)
+        edges.why.append(why)
+    return edges
+
+
+def _near_best_only(pix: PixelEvidence, a: np.ndarray, b: np.ndarray) -> PixelEvidence:
+    """Drop weak pixel confirmations (distance above ``HASH_ALONE``) that are not within
+    ``NEAR_BEST`` of the best confirmed distance of either image.
+
+    A shared artefact (the black corners of rotated scans, a frame, a stamp) makes unrelated
+    images weakly alike, and one of them becomes a hub linked to dozens: measured on rendered
+    pages, 20 rotated pages joined one group at distances 10-14. A real copy's weak match is
+    (close to) the best match that image has.
+    """
+    d = np.where(pix.confirmed, pix.score, 65)
+    best = np.full(int(max(a.max(), b.max())) + 1, 65, dtype=np.int64)
+    np.minimum.at(best, a, d)
+    np.minimum.at(best, b, d)
+    near = d <= np.maximum(best[a], best[b]) + NEAR_BEST
+    keep = pix.confirmed & ((pix.distance <= HASH_ALONE) | near)
+    return dataclasses.replace(pix, confirmed=keep)
+
+
+_RANK = {"identical": 2, "pixels": 1, "embedding": 0}
+
+
+def _star_groups(n: int, edges: _Edges) -> list[tuple[list[int], dict[int, int]]]:
+    """Groups without chaining: greedy star clustering over the accepted edges.
+
+    The row with the most accepted edges (ties: more identical/pixel evidence, then the
+    earliest row) becomes a centre and takes its unassigned direct neighbours; repeat. A row
+    left with edges only to members of other groups joins the group of its best such
+    neighbour (so every member is at most two accepted edges from its centre, never a chain
+    across the collection). Returns (rows, row -> the row it is linked to) per group.
+    """
+    adj: dict[int, dict[int, int]] = {}
+    for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True)):
+        adj.setdefault(a, {})[b] = e
+        adj.setdefault(b, {})[a] = e
+
+    def strength(r: int) -> tuple[int, int, int]:
+        return (len(adj[r]), sum(_RANK[edges.evidence[e]] for e in adj[r].values()), -r)
+
+    group_of: dict[int, int] = {}
+    groups: list[tuple[list[int], dict[int, int]]] = []
+    for centre in sorted(adj, key=strength, reverse=True):
+        if centre in group_of:
+            continue
+        members = [r for r in adj[centre] if r not in group_of]
+        if not members:
+            continue
+        g = len(groups)
+        groups.append(([centre, *members], {m: centre for m in members}))
+        for r in (centre, *members):
+            group_of[r] = g
+    for r in sorted(adj):
+        if r in group_of:
+            continue
+        best = max(
+            adj[r],
+            key=lambda o: (_RANK[edges.evidence[adj[r][o]]], edges.cosine[adj[r][o]]),
+        )
+        g = group_of[best]
+        groups[g][0].append(r)
+        groups[g][1][r] = best
+        group_of[r] = g
+    return groups
 
 
 def group_duplicates(
     vectors: Any,
     ids: Any,
     hashes: Any = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     *,
     k: int = DEFAULT_K,
     index: Index | OnDiskIndex | None = None,
     paths: list[str] | None = None,
+    verify: bool = True,
+    log: Log | None = None,
 ) -> list[DuplicateGroup]:
     """Duplicate groups among rows of ``vectors``.
+
+    Candidates are every row's ``k`` nearest neighbours by embedding and, when the files are
+    there, by pixel thumbnail (in all 8 turns/mirrors). A candidate pair is a duplicate when
+    the files are byte-identical, the pixels confirm it (``verify``), or the embedding alone
+    is at or above ``threshold`` (default: calibrated on this collection, see
+    ``index.calibrate``; on a homogeneous collection the embedding alone never decides).
+    Groups are stars around a centre (``_star_groups``), never chains.
 
     Args:
         vectors: float (N, D), rows aligned with ``ids`` (and ``hashes``/``paths``).
         ids: int64 (N,) ids.
         hashes: content hashes per row (exact duplicates), or None.
-        threshold: cosine similarity at or above which two images are near duplicates.
+        threshold: embedding cosine at or above which two images are copies without pixel
+            evidence; None calibrates it. An explicit value also applies to homogeneous
+            collections.
         k: neighbours looked up per image.
         index: a cosine ``Index`` or ``OnDiskIndex`` holding these ids (built when None).
-        paths: per-row paths to put in the result.
+        paths: per-row image paths: put in the result and, with ``verify``, decoded for
+            pixel evidence (a file that cannot be read falls back to embedding evidence).
+        verify: compare pixels of candidate pairs.
+        log: receives the calibration and any homogeneous-collection warning.
 
     Returns:
         Groups of two or more, largest first.
     """
-    if not -1.0 <= threshold <= 1.0:
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise InvalidArgumentError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     if k < 1:
         raise InvalidArgumentError(f"k must be >= 1, got {k}")
@@ -195,40 +398,61 @@ def group_duplicates(
         index = Index.build(x, id_arr, metric="cosine")
     elif index.metric != "cosine":
         raise InvalidArgumentError("duplicates need a cosine index; rebuild with --metric cosine")
-    order = np.argsort(id_arr)
-    sorted_ids = id_arr[order]
-    uf = _UnionFind(n)
-
+    cal = calibrate(x)
+    if threshold is not None:
+        cal = dataclasses.replace(cal, threshold=threshold, homogeneous=False)
+    if log is not None:
+        log(cal.describe())
+    cand = _candidates(x, index, k, id_arr)
+    fp = None
+    if verify and paths is not None:
+        fp = fingerprints(list(paths))
+        extra = _pixel_candidates(fp, k) - cand.keys()
+        if extra:
+            cand.update(_cosines(x, sorted(extra)))
+        if fp.errors and log is not None:
+            log(
+                f"{len(fp.errors)} files could not be read for pixel checks; their pairs rest "
+                "on the embedding alone"
+            )
     if hashes is not None:
         first: dict[str, int] = {}
+        pairs = []
         for row, h in enumerate(hashes):
             if h:
-                uf.union(first.setdefault(h, row), row)
-
-    for start in range(0, n, BATCH):
-        stop = min(start + BATCH, n)
-        scores, nbrs = index.search(np.ascontiguousarray(x[start:stop]), min(k + 1, n))
-        keep = (scores >= threshold) & (nbrs >= 0)
-        q_rows, cols = np.nonzero(keep)
-        nbr_ids = nbrs[q_rows, cols]
-        pos = np.clip(np.searchsorted(sorted_ids, nbr_ids), 0, n - 1)
-        known = sorted_ids[pos] == nbr_ids
-        for a, b in zip((q_rows + start)[known].tolist(), order[pos][known].tolist(), strict=True):
-            if a != b:
-                uf.union(a, b)
-
-    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
-    counts = np.bincount(roots, minlength=n)
-    grouped = np.nonzero(counts[roots] >= 2)[0]
-    grouped = grouped[np.argsort(roots[grouped], kind="stable")]
-    _, starts = np.unique(roots[grouped], return_index=True)
+                if h in first:
+                    pairs.append((first[h], row))
+                else:
+                    first[h] = row
+        missing = [p for p in pairs if p not in cand]
+        if missing:
+            cand.update(_cosines(x, missing))
+    edges = _edges(x, cand, hashes, cal, fp)
+    edge_of = {
+        (min(a, b), max(a, b)): e for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True))
+    }
     groups = []
-    for rows in np.split(grouped, starts[1:]) if len(grouped) else []:
-        v = np.asarray(x[rows], dtype=np.float32)
+    for rows, link in _star_groups(n, edges):
+        rows_arr = np.array(sorted(rows), dtype=np.int64)
+        v = np.asarray(x[rows_arr], dtype=np.float32)
         unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        groups.append(_group(rows, unit, id_arr, hashes, paths))
+        groups.append(_group(rows_arr, unit, id_arr, hashes, paths, link, edges, edge_of))
     groups.sort(key=lambda g: (-len(g.members), -min(m.score for m in g.members)))
     return groups
+
+
+def _cosines(x: Any, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """Cosine of each row pair, BATCH pairs at a time (only those rows are read)."""
+    out: dict[tuple[int, int], float] = {}
+    for start in range(0, len(pairs), BATCH):
+        chunk = pairs[start : start + BATCH]
+        idx = np.array(chunk, dtype=np.int64)
+        va = np.asarray(x[idx[:, 0]], dtype=np.float32)
+        vb = np.asarray(x[idx[:, 1]], dtype=np.float32)
+        norms = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
+        sims = np.einsum("nd,nd->n", va, vb) / np.maximum(norms, 1e-12)
+        out.update(zip(chunk, sims.tolist(), strict=True))
+    return out
 
 
 def _group(
@@ -237,15 +461,19 @@ def _group(
     ids: np.ndarray,
     hashes: Any,
     paths: list[str] | None,
+    link: dict[int, int] | None = None,
+    edges: _Edges | None = None,
+    edge_of: dict[tuple[int, int], int] | None = None,
 ) -> DuplicateGroup:
-    """``rows`` ascending, so the first (the union-find root) is the earliest stored.
+    """``rows`` ascending, so the first is the earliest stored.
 
     Identity is judged per member against every other member (by content hash), and each score
     is the member's best similarity within the group: judged against the first member only, two
     identical copies further down a group were reported as not identical and members joined
-    through a chain showed scores below the threshold.
+    through a chain showed scores below the threshold. ``link`` (row -> the row whose
+    accepted pair put it in the group) and ``edges`` give each member's evidence.
     """
-    sims = unit @ unit.T  # groups are small (k-NN edges); (m, m) is fine
+    sims = unit @ unit.T  # groups are small (stars of k-NN edges); (m, m) is fine
     np.fill_diagonal(sims, -np.inf)
     row_hash = [hashes[r] if hashes is not None and hashes[r] else None for r in rows.tolist()]
     by_hash: dict[str, list[int]] = {}
@@ -253,6 +481,7 @@ def _group(
         if h is not None:
             by_hash.setdefault(h, []).append(i)
     best = sims.argmax(axis=1)
+    row_ids = [int(ids[r]) for r in rows.tolist()]
     built = []
     for i, r in enumerate(rows.tolist()):
         h = row_hash[i]
@@ -261,16 +490,27 @@ def _group(
         # float rounding when it was embedded in another batch).
         j = twins[0] if twins else int(best[i])
         score = 1.0 if twins else min(float(sims[i, j]), 1.0)
+        linked = link.get(r) if link is not None else None
+        evidence, why = "centre", "the group's centre: every other member is linked to it"
+        if linked is not None and edges is not None and edge_of is not None:
+            e = edge_of[(min(r, linked), max(r, linked))]
+            other = os.path.basename(paths[linked]) if paths is not None else f"id {ids[linked]}"
+            evidence, why = edges.evidence[e], f"with {other}: {edges.why[e]}"
+        elif link is None:
+            evidence, why = "embedding", ""
         built.append(
             (
                 i,
                 DuplicateMember(
-                    id=int(ids[r]),
+                    id=row_ids[i],
                     path=paths[r] if paths is not None else None,
                     score=round(score, 6),
                     exact=bool(twins),
-                    identical_to=tuple(sorted(int(ids[rows[t]]) for t in twins)),
-                    closest=int(ids[rows[j]]),
+                    identical_to=tuple(sorted(row_ids[t] for t in twins)),
+                    closest=row_ids[j],
+                    evidence=evidence,
+                    linked_to=int(ids[linked]) if linked is not None else None,
+                    why=why,
                 ),
             )
         )
@@ -280,27 +520,30 @@ def _group(
 
 def find_duplicates(
     store: str | os.PathLike[str] | Store,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     *,
     k: int = DEFAULT_K,
     keep: str = DEFAULT_KEEP,
+    verify: bool = True,
     log: Log | None = None,
 ) -> list[DuplicateGroup]:
     """Exact and near-duplicate groups in a store, using (and updating) its search index.
 
     Args:
         store: a store directory or an open ``Store``.
-        threshold: cosine similarity at or above which two images are near duplicates.
+        threshold: embedding cosine at or above which two images are copies without pixel
+            evidence; None (default) calibrates it on the store (``index.calibrate``).
         k: neighbours looked up per image.
+        verify: decode candidate pairs' files for pixel evidence (``index.verify``).
         keep: how each group's keeper is suggested (``index.keep.KEEP_RULES``; default
             ``best``: largest resolution, then largest file, then oldest).
-        log: receives index maintenance messages.
+        log: receives index maintenance messages, the calibration and warnings.
     """
     check_keep_rule(keep)
     st = store if isinstance(store, Store) else open_store(store, vectors=False)
     if len(st.ids) == 0:
         return []
-    groups, st = _find(st, threshold, k, log)  # st: the commit the index matched
+    groups, st = _find(st, threshold, k, verify, log)  # st: the commit the index matched
     meta = _file_facts(st, {m.id for g in groups for m in g.members})
     return [g.with_keeper(keep, meta) for g in groups]
 
@@ -316,7 +559,7 @@ def _file_facts(st: Store, ids: set[int]) -> dict[int, tuple[Any, ...]]:
 
 
 def _find(
-    st: Store, threshold: float, k: int, log: Log | None
+    st: Store, threshold: float | None, k: int, verify: bool, log: Log | None
 ) -> tuple[list[DuplicateGroup], Store]:
     index, st = open_synced(st, log=log)  # st: the commit the index was brought to
     if isinstance(index, OnDiskIndex):
@@ -335,12 +578,22 @@ def _find(
         hashes = st.hashes if aligned else [st.hashes[r] for r in rows.tolist()]
         paths = st.abspaths if aligned else [st.abspath(r) for r in rows.tolist()]
         view = _RowView(index.vectors, alive)
-        groups = group_duplicates(view, ids, hashes, threshold, k=k, index=index, paths=paths)
+        groups = group_duplicates(
+            view, ids, hashes, threshold, k=k, index=index, paths=paths, verify=verify, log=log
+        )
         return groups, st
     if index.metric != "cosine":
         index = Index.build(st.vectors, st.ids, metric="cosine")  # an l2 index: a cosine one here
     groups = group_duplicates(
-        st.vectors, st.ids, st.hashes, threshold, k=k, index=index, paths=st.abspaths
+        st.vectors,
+        st.ids,
+        st.hashes,
+        threshold,
+        k=k,
+        index=index,
+        paths=st.abspaths,
+        verify=verify,
+        log=log,
     )
     return groups, st
 
