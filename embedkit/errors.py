@@ -60,3 +60,8 @@ class ImageFileError(EmbedkitError):
         self.path = path
         self.reason = reason
         self.detail = detail
+
+
+class RayClusterError(EmbedkitError):
+    """The Ray cluster cannot be reached, refuses this client, cannot fit the work, or its nodes
+    cannot read the images; the message names the address or node and what to check."""

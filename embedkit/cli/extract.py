@@ -94,8 +94,14 @@ def extract_cmd(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster address for --engine ray (default: start a local Ray)."),
+        typer.Option(
+            help="Ray cluster address (host:6379 or ray://host:10001) for --engine ray "
+            "(default: RAY_ADDRESS, else start a local Ray)."
+        ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Ray's log lines (default: to a log file).")
+    ] = False,
     normalize: Annotated[
         bool,
         typer.Option(
@@ -129,6 +135,7 @@ def extract_cmd(
         threads=threads,
         engine=engine,
         address=address,
+        verbose=verbose,
         progress=not json_out,
         started=process_started(),  # wall_s: what the user waited, imports included
     )

@@ -39,6 +39,9 @@ from ..models.preprocess import Preprocess
 from . import pool as decode
 from .local import Chunk
 from .pool import Decoded
+from .ray_cluster import connect, default_log_file, quiet, say
+from .ray_fit import PoolPlan, alive_nodes, check_readable, fit, plan_pool
+from .ray_fit import resource_wait_s as _resource_wait_s
 
 # Files per block: big enough to amortise a task's scheduling (~ms) against its decoding
 # (~10-400 ms per file), small enough that a retried block redoes little work and that even a
@@ -153,7 +156,15 @@ class RayEngine:
         seed: random-init seed (must match the driver's backbone).
         concurrency: model actors (default: one per GPU, else one per two CPUs).
         files_per_block: files per Ray Data block.
-        actor_cpus: CPUs (= torch threads) per CPU actor.
+        actor_cpus: CPUs (= torch threads) per CPU actor; one node must have them.
+        verbose: let Ray's INFO/warning lines reach the terminal (default: they go to
+            ``log_file``).
+        log_file: where Ray's log lines go when not verbose (default: ``/tmp/ray/
+            embedkit-extract-<pid>.log``).
+        resource_wait_s: seconds to wait for nodes that fit the work (an autoscaler adding
+            them), with a "waiting for resources" line; default ``EMBEDKIT_RAY_RESOURCE_WAIT_S``
+            or 0 (fail at once, naming what was needed and what the nodes have).
+        check_locality: before any work, every node opens a sample of the images.
     """
 
     def __init__(
@@ -171,6 +182,10 @@ class RayEngine:
         concurrency: int | None = None,
         files_per_block: int = DEFAULT_FILES_PER_BLOCK,
         actor_cpus: int = 1,
+        verbose: bool = False,
+        log_file: str | os.PathLike[str] | None = None,
+        resource_wait_s: float | None = None,
+        check_locality: bool = True,
     ) -> None:
         require_ray()
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
@@ -184,6 +199,10 @@ class RayEngine:
         self.preprocess, self.weights_sha256 = preprocess, weights_sha256
         self.concurrency, self.files_per_block = concurrency, files_per_block
         self.actor_cpus = actor_cpus
+        self.verbose = verbose
+        self.log_file = os.fspath(log_file) if log_file is not None else None
+        self.resource_wait_s = _resource_wait_s(resource_wait_s)
+        self.check_locality = check_locality
 
     def run(
         self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
@@ -192,38 +211,45 @@ class RayEngine:
         if not tasks:
             return
         ray = require_ray()
-        started = False
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            started = True
-        try:
-            preprocess = self.preprocess or self._driver_preprocess()
-            seen: set[int] = set()
-            yield from self._pass(ray, tasks, known_hashes, preprocess, seen, self.files_per_block)
-            missing = [t for t in tasks if t[0] not in seen]
-            if missing:  # blocks lost twice over: retry one file per block
-                yield from self._pass(ray, missing, known_hashes, preprocess, seen, 1)
-            for key, _ in tasks:
-                if key not in seen:
-                    seen.add(key)
-                    yield Chunk(
-                        [key],
-                        [
-                            Decoded(
-                                "failed",
-                                None,
-                                reason="decode_crash",
-                                detail=(
-                                    "a Ray worker died or failed on this file twice; "
-                                    "a rerun retries it"
-                                ),
-                            )
-                        ],
-                        None,
-                    )
-        finally:
-            if started:
-                ray.shutdown()
+        log_file = self.log_file or default_log_file()
+        with quiet(self.verbose, log_file):
+            conn = connect(ray, self.address, verbose=self.verbose, log_file=log_file)
+            try:
+                yield from self._run(ray, tasks, known_hashes)
+            finally:
+                if conn.started:
+                    ray.shutdown()
+
+    def _run(
+        self, ray: Any, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
+    ) -> Iterator[Chunk]:
+        pool = self._fit(ray)
+        if self.check_locality:
+            check_readable(ray, [p for _, p in tasks], alive_nodes(ray))
+        preprocess = self.preprocess or self._driver_preprocess()
+        seen: set[int] = set()
+        per_block = self.files_per_block
+        yield from self._pass(ray, tasks, known_hashes, preprocess, seen, per_block, pool)
+        missing = [t for t in tasks if t[0] not in seen]
+        if missing:  # blocks lost twice over: retry one file per block
+            yield from self._pass(ray, missing, known_hashes, preprocess, seen, 1, pool)
+        for key, _ in tasks:
+            if key not in seen:
+                seen.add(key)
+                yield Chunk(
+                    [key],
+                    [
+                        Decoded(
+                            "failed",
+                            None,
+                            reason="decode_crash",
+                            detail=(
+                                "a Ray worker died or failed on this file twice; a rerun retries it"
+                            ),
+                        )
+                    ],
+                    None,
+                )
 
     def _driver_preprocess(self) -> Preprocess:
         from ..models.backbone import load_backbone
@@ -238,16 +264,22 @@ class RayEngine:
         self.weights_sha256 = self.weights_sha256 or b.weights_sha256
         return b.preprocess
 
-    def _pool(self, ray: Any) -> tuple[int, int, int]:
-        """(actors, GPUs per actor, batch size) from the cluster's resources."""
-        res = ray.cluster_resources()
-        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
-        if gpus:
-            return self.concurrency or gpus, 1, self.batch_size or GPU_BATCH
+    def _fit(self, ray: Any) -> PoolPlan:
+        """The actor pool sized from the cluster's nodes (``ray_fit.plan_pool``)."""
+
         # Half the CPUs run models, the other half decode (the model is the slower stage on
         # CPU: ~18 img/s model-only vs ~7-40 img/s decode per core, benchmarks/RESULTS.md).
-        actors = self.concurrency or max(1, cpus // (2 * self.actor_cpus))
-        return actors, 0, self.batch_size or CPU_BATCH
+        def plan(nodes: Any) -> PoolPlan | str:
+            return plan_pool(
+                nodes,
+                concurrency=self.concurrency,
+                actor_cpus=self.actor_cpus,
+                batch_size=self.batch_size,
+                cpu_batch=CPU_BATCH,
+                gpu_batch=GPU_BATCH,
+            )
+
+        return fit(ray, plan, self.resource_wait_s, say)
 
     def _pass(
         self,
@@ -257,8 +289,9 @@ class RayEngine:
         preprocess: Preprocess,
         seen: set[int],
         per_block: int,
+        pool: PoolPlan,
     ) -> Iterator[Chunk]:
-        actors, gpus, bs = self._pool(ray)
+        actors, gpus, bs = pool.actors, pool.gpus_per_actor, pool.batch_size
         ctx = ray.data.DataContext.get_current()
         old_errors = ctx.max_errored_blocks
         # A block that keeps failing is dropped, not fatal: its files get the per-file pass.
@@ -287,7 +320,7 @@ class RayEngine:
             batch_size=bs,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
-            num_cpus=0 if gpus else self.actor_cpus,
+            num_cpus=pool.cpus_per_actor,
             # Ray Data restarts dead pool actors forever; a batch is retried at most this often.
             max_restarts=-1,
             max_task_retries=DECODE_RETRIES,

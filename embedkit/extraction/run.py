@@ -206,6 +206,7 @@ def extract(
     engine: Engine | str | None = None,
     address: str | None = None,
     started: float | None = None,
+    verbose: bool = False,
 ) -> ExtractSummary:
     """Embed every image under ``sources`` into the store at ``store``, incrementally.
 
@@ -241,6 +242,7 @@ def extract(
         address: Ray cluster address for ``engine="ray"`` (default: start or join a local one).
         started: ``time.time()`` at which the wait began (the CLI passes its process start);
             ``ExtractSummary.wall_s`` counts from there. Default: when this call began.
+        verbose: ``engine="ray"``: show Ray's INFO/warning lines (default: to a log file).
 
     The model is found in the verified ONNX cache without importing torch or timm when it can
     be (``embedder.cached_embedder``), else loaded; when there is nothing to embed in an
@@ -292,14 +294,14 @@ def extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, emb, stored_md,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
             commit_every=commit_every, max_pixels=max_pixels, progress=progress,
-            engine=engine, address=address,
+            engine=engine, address=address, verbose=verbose,
         )  # fmt: skip
     except _NeedModel:  # files changed between the look without the model and the locked plan
         summary = _extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, None, None,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
             commit_every=commit_every, max_pixels=max_pixels, progress=progress,
-            engine=engine, address=address,
+            engine=engine, address=address, verbose=verbose,
         )  # fmt: skip
     summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
     return summary
@@ -383,6 +385,7 @@ def _extract(
     progress: bool,
     engine: Engine | str | None,
     address: str | None,
+    verbose: bool = False,
 ) -> ExtractSummary:
     summary = ExtractSummary(store=os.fspath(store))
     local = engine in (None, "local")
@@ -421,6 +424,7 @@ def _extract(
             max_pixels=max_pixels,
             preprocess=emb.preprocess,
             weights_sha256=emb.weights_sha256,
+            verbose=verbose,
         )
     thread_plan = plan_threads(nworkers, threads)
     if emb.backbone is not None:
