@@ -260,3 +260,55 @@ def test_unreachable_or_refused_is_one_line_within_seconds(cluster, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and cluster in lines[0] and "Traceback" not in r.stderr
     assert "refused this client" in lines[0] and "RAY_AUTH_MODE=disabled" in lines[0]
+
+
+class _KillNodeAfterFirstChunk:
+    """Wraps a RayEngine: after the first chunk, SIGKILLs a worker node's raylet (node death)."""
+
+    def __init__(self, inner, marker: str) -> None:
+        self.inner, self.marker, self.killed = inner, marker, 0
+
+    def run(self, tasks, known_hashes):
+        for n, chunk in enumerate(self.inner.run(tasks, known_hashes)):
+            if n == 0:
+                for pid in _our_pids(self.marker):
+                    if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed += 1
+            yield chunk
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_run_every_file_once(cluster, tmp_path):
+    """Last in the module: it adds a third node and kills it while the run uses it."""
+    from embedkit.extraction.ray import RayEngine
+
+    victim = f"victim{secrets.token_hex(4)}"
+    r = subprocess.run(
+        [_ray_bin(), "start", "--address", cluster, "--num-cpus", "2", "--num-gpus", "0",
+         "--disable-usage-stats", "--dashboard-agent-listen-port", str(_free_port()),
+         "--resources", f'{{"{victim}": 1}}'],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    src = _photos(tmp_path / "photos", 30)
+    inner = RayEngine(TINY, random_init=True, address=cluster, batch_size=2, files_per_block=2)
+    engine = _KillNodeAfterFirstChunk(inner, victim)
+    st = tmp_path / "ray"
+    try:
+        s = extract([src], st, model=TINY, random_init=True, commit_every=4, engine=engine)
+        finished = s.embedded + s.n_failed
+    except RayClusterError as e:  # stopped: what was committed must stay, the rerun finishes it
+        finished = -1
+        assert "\n" not in str(e)
+    assert engine.killed == 1
+    again = extract([src], st, model=TINY, random_init=True, engine=RayEngine(
+        TINY, random_init=True, address=cluster, batch_size=2, files_per_block=2))  # fmt: skip
+    store = open_store(st)
+    assert store.table.num_rows == 30 and len(set(store.ids.tolist())) == 30
+    assert set(store.table["status"].to_pylist()) == {"ok"}
+    assert finished in (-1, 30) and (finished == -1 or again.embedded == 0)
+    extract([src], tmp_path / "local", model=TINY, random_init=True, workers=1, batch_size=4)
+    b = open_store(tmp_path / "local")
+    ia, ib = np.argsort(store.ids), np.argsort(b.ids)
+    np.testing.assert_allclose(store.vectors[ia], b.vectors[ib], rtol=1e-4, atol=1e-5)
