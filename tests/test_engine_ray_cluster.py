@@ -72,6 +72,33 @@ def test_plan_pool_from_each_node():
     assert isinstance(msg, str) and "fit 4" in msg
 
 
+def test_watchdog_turns_a_stall_into_a_line_then_an_error(monkeypatch):
+    from embedkit.extraction import ray_watch
+
+    def slow():
+        yield 1
+        time.sleep(30)  # a cluster that stopped answering
+        yield 2
+
+    monkeypatch.setattr(ray_watch, "NOTICE_S", 0.3)
+    said: list[str] = []
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(RayClusterError, match=r"no results from the Ray cluster for 1 s \(2 n"):
+        for x in ray_watch.watched(slow(), 1.0, lambda: "2 nodes", said.append):
+            got.append(x)
+    assert got == [1] and time.monotonic() - t0 < 5
+    assert said and "waiting for results" in said[0]
+    assert list(ray_watch.watched(iter(range(5)), 1.0, str, said.append)) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(ray_watch.watched(broken(), 1.0, str, said.append))
+
+
 # --- the real cluster -----------------------------------------------------------------------
 
 
@@ -217,6 +244,18 @@ def test_demand_no_node_fits_fails_fast(cluster, tmp_path, capsys):
     assert "waited 2 s" in msg and "\n" not in msg
     # The bounded wait said what it waits for, instead of a frozen bar.
     assert "waiting for resources" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_no_results_in_time_stops_with_one_line(cluster, tmp_path):
+    src = _photos(tmp_path / "photos", 3)
+    # Model actors take seconds to start: 0.5 s without a result is a stall here.
+    args = _extract_args(src, tmp_path / "s", "--engine", "ray", "--address", cluster)
+    r, took = _cli(args, env={"EMBEDKIT_RAY_STALL_S": "0.5"})
+    assert r.returncode == 1 and took < 60, (took, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "no results from the Ray cluster for 0.5 s (2 alive node(s), free now:" in lines[0]
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from .pool import Decoded
 from .ray_cluster import connect, default_log_file, quiet, say
 from .ray_fit import PoolPlan, alive_nodes, check_readable, fit, plan_pool
 from .ray_fit import resource_wait_s as _resource_wait_s
+from .ray_watch import describe_free, no_auto_init, stall_s, watched
 
 # Files per block: big enough to amortise a task's scheduling (~ms) against its decoding
 # (~10-400 ms per file), small enough that a retried block redoes little work and that even a
@@ -165,6 +166,8 @@ class RayEngine:
             them), with a "waiting for resources" line; default ``EMBEDKIT_RAY_RESOURCE_WAIT_S``
             or 0 (fail at once, naming what was needed and what the nodes have).
         check_locality: before any work, every node opens a sample of the images.
+        stall_limit_s: seconds without any result before the run stops with an error (default
+            ``EMBEDKIT_RAY_STALL_S`` or 600); a "waiting for results" line every 30 s before.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class RayEngine:
         log_file: str | os.PathLike[str] | None = None,
         resource_wait_s: float | None = None,
         check_locality: bool = True,
+        stall_limit_s: float | None = None,
     ) -> None:
         require_ray()
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
@@ -203,6 +207,7 @@ class RayEngine:
         self.log_file = os.fspath(log_file) if log_file is not None else None
         self.resource_wait_s = _resource_wait_s(resource_wait_s)
         self.check_locality = check_locality
+        self.stall_limit_s = stall_s(stall_limit_s)
 
     def run(
         self, tasks: Sequence[tuple[int, str]], known_hashes: frozenset[str]
@@ -334,7 +339,14 @@ class RayEngine:
             },
         )
         try:
-            for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batches = embedded.iter_batches(batch_size=None, batch_format="pyarrow")
+            for batch in watched(
+                batches,
+                self.stall_limit_s,
+                lambda: describe_free(ray),
+                say,
+                on_abandon=lambda: no_auto_init(ray),
+            ):
                 chunk = _to_chunk(batch, seen)
                 if chunk.keys:
                     yield chunk
