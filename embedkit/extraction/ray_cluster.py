@@ -94,6 +94,14 @@ def _enable_token_mode() -> None:
         Config.initialize("")
 
 
+def _reload_token() -> None:
+    """Forget a token Ray cached in this process (an earlier cluster's), read the current one."""
+    with contextlib.suppress(Exception):
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -204,6 +212,7 @@ def connect(ray: Any, address: str | None, *, verbose: bool, log_file: str) -> C
         tried = f"no authentication (RAY_AUTH_MODE={mode or 'unset'}" + (
             f", although a token is at {source})" if source else ", no token found)"
         )
+    _reload_token()
     try:
         with (
             _env(**{_GCS_WAIT_ENV: str(GCS_WAIT_S)}, **backend),
