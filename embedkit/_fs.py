@@ -68,6 +68,32 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
+# -- descriptors forked children must not keep ---------------------------------------------------
+
+# Descriptors that a forked child (a decode worker) must close: a store writer's lock fd,
+# registered while held. flock locks belong to the open file, which a fork shares, so a worker
+# that kept the fd would hold the store lock past its parent.
+_close_in_children: set[int] = set()
+
+
+def close_in_children(fd: int) -> None:
+    """Register ``fd`` to be closed by ``close_registered_fds`` in forked children."""
+    _close_in_children.add(fd)
+
+
+def keep_in_children(fd: int) -> None:
+    """Undo ``close_in_children`` (the fd is about to be closed by its owner)."""
+    _close_in_children.discard(fd)
+
+
+def close_registered_fds() -> None:
+    """In a freshly forked child: close every registered descriptor."""
+    for fd in list(_close_in_children):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _close_in_children.clear()
+
+
 # -- locking -------------------------------------------------------------------------------------
 
 # Locks this process holds: (lock path, thread id) -> depth. flock conflicts between two open

@@ -114,24 +114,26 @@ def extract_cmd(
     Example: embedkit extract ~/Pictures --store pictures.store
     """
     from ..extraction.run import extract
+    from .progress import ExtractProgress
 
-    summary = extract(
-        [str(s) for s in sources],
-        store,
-        model=model,
-        weights=weights,
-        random_init=random_init,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        normalize=normalize,
-        runtime=runtime,
-        threads=threads,
-        engine=engine,
-        address=address,
-        progress=not json_out,
-        started=process_started(),  # wall_s: what the user waited, imports included
-    )
+    with ExtractProgress(enabled=not json_out) as progress:
+        summary = extract(
+            [str(s) for s in sources],
+            store,
+            model=model,
+            weights=weights,
+            random_init=random_init,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            normalize=normalize,
+            runtime=runtime,
+            threads=threads,
+            engine=engine,
+            address=address,
+            on_progress=progress,
+            started=process_started(),  # wall_s: what the user waited, imports included
+        )
     if json_out:
         print_json(summary.to_dict())
     else:

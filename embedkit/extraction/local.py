@@ -17,8 +17,8 @@ import numpy as np
 
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..models.preprocess import Preprocess
+from .cores import balanced_split
 from .pool import Decoded, DecodePool
-from .threads import balanced_split
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LocalEngine:
     """Decode workers on this machine + the model in this process.
 
     With ``balance_cores`` set, the split between decode workers and model threads is
-    re-chosen once, early in the run, from this run's own timings (``threads.balanced_split``):
+    re-chosen once, early in the run, from this run's own timings (``cores.balanced_split``):
     seconds per decoded file reported by the workers, and forward seconds x threads per image.
     The model must then have ``set_threads`` (the ``runtime`` runners do);
     ``batch_for_threads`` (when given) sets the batch size for the new thread count.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import __version__
-from ..cli.progress import ExtractProgress
+from .._version import __version__
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
@@ -41,10 +40,15 @@ from ..store.read import (
     vectors_of,
 )
 from ..store.writer import StoreWriter
-from .batching import default_batch_size, probe_cuda_batch_size
+from .cores import (
+    default_batch_size,
+    default_workers,
+    plan_threads,
+    probe_cuda_batch_size,
+    usable_cores,
+)
 from .local import Chunk, Engine, LocalEngine
 from .pool import Decoded
-from .threads import default_workers, plan_threads, usable_cores
 
 # Failures worth retrying on a rerun even when the file did not change: they depend on the
 # environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
@@ -200,7 +204,7 @@ def extract(
     normalize: bool = False,
     commit_every: int = 1024,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
     runtime: str = "auto",
     threads: int | None = None,
     engine: Engine | str | None = None,
@@ -215,21 +219,22 @@ def extract(
         model: a preset or any timm model name.
         weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
         random_init: random weights on purpose; recorded in the store.
-        batch_size: images per forward pass (default ``batching.default_batch_size`` for the
+        batch_size: images per forward pass (default ``cores.default_batch_size`` for the
             device, runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX
             Runtime, re-chosen with the thread split; on CUDA, probed: doubled from 32 while
             it fits the free memory and gets faster).
         workers: decode processes (0 decodes in-process). Default on CPU, when ``threads`` is
             not given either: one per usable core to start, then re-chosen with the model
             threads after the first batches from measured decode and model times
-            (``threads.balanced_split``); on CUDA: usable cores - 1.
+            (``cores.balanced_split``); on CUDA: usable cores - 1.
             ``ExtractSummary.workers/threads/split/batch_size`` say what ran.
         device: ``auto``, ``cpu`` or ``cuda``.
         normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
             ImageNet head usable; search normalises on its own).
         commit_every: rows per committed part; a kill loses at most this many rows of work.
         max_pixels: images declaring more pixels are refused as decompression bombs.
-        progress: show a progress bar.
+        on_progress: called as ``on_progress(done, total)`` after every chunk of files
+            (the CLI passes its progress bar; the library draws nothing).
         runtime: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (ONNX Runtime on CPU
             when installed and its export matches torch, else torch). Vectors of either
             runtime are interchangeable within one store.
@@ -291,14 +296,14 @@ def extract(
         summary = _extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, emb, stored_md,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
             engine=engine, address=address,
         )  # fmt: skip
     except _NeedModel:  # files changed between the look without the model and the locked plan
         summary = _extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, None, None,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
             engine=engine, address=address,
         )  # fmt: skip
     summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
@@ -380,7 +385,7 @@ def _extract(
     normalize: bool,
     commit_every: int,
     max_pixels: int,
-    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
     engine: Engine | str | None,
     address: str | None,
 ) -> ExtractSummary:
@@ -477,12 +482,22 @@ def _extract(
             runner = engine
         t_embed = time.perf_counter()
         try:
-            with ExtractProgress(total=len(tasks), enabled=progress) as bar:
-                for chunk in runner.run(tasks, frozenset(known)):
+            done = 0
+            chunks = runner.run(tasks, frozenset(known))
+            try:
+                for chunk in chunks:
                     rows.take(chunk, [plan.todo[k] for k in chunk.keys])
-                    bar.advance(len(chunk.keys))
+                    done += len(chunk.keys)
+                    if on_progress is not None:
+                        on_progress(done, len(tasks))
+            finally:
+                # On Ctrl-C or SIGTERM, stop the engine's workers now: a suspended generator
+                # is only closed when collected, and the traceback keeps it alive.
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
         finally:
-            # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
+            # Also on Ctrl-C and SIGTERM: what was embedded is committed, so the rerun skips it.
             writer.commit()
             summary.embed_s = time.perf_counter() - t_embed
             if isinstance(runner, LocalEngine):

@@ -413,7 +413,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _cores() -> int:
-    from ..extraction.threads import usable_cores
+    from ..extraction.cores import usable_cores
 
     return usable_cores()
 

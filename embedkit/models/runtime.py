@@ -31,7 +31,7 @@ from torch import nn
 
 from .._fs import atomic_path, atomic_write_bytes
 from ..errors import EmbedkitError, InvalidArgumentError
-from ..extraction.threads import usable_cores
+from ..extraction.cores import usable_cores
 from .backbone import Backbone, precision_of
 from .embedder import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, OnnxSession, record_verified
 from .embedder import onnx_cache_dir as onnx_cache_dir
@@ -136,7 +136,7 @@ def make_forward(
         runtime: ``torch``, ``onnx``, or ``auto`` (ONNX Runtime on CPU when it is installed and
             its export matches torch; torch on CUDA or otherwise).
         threads: model threads (torch ``set_num_threads`` / ORT intra-op); default
-            ``usable_cores()``. Pass ``threads.plan_threads(workers, ...).intra_op`` when decode
+            ``usable_cores()``. Pass ``cores.plan_threads(workers, ...).intra_op`` when decode
             workers share the machine.
         opset: ONNX opset for the export.
         cache_dir: where exports live; default ``onnx_cache_dir()``.
