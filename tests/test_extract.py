@@ -417,3 +417,25 @@ def test_signal_to_the_main_process_commits_and_stops_the_workers_promptly(
     assert r.unchanged == len(partial) and r.embedded + r.reused == n - len(partial)
     store = open_store(st)
     assert len(store) == n and len(set(store.paths)) == n
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_byte_identical_files_in_one_run_are_embedded_once(photo_dir, tmp_path, batch_size):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(photo_dir / "img0.jpg", src / name)
+    shutil.copy(photo_dir / "img1.jpg", src / "c.jpg")
+    shutil.copy(photo_dir / "img0.jpg", src / "d.jpg")
+    r = _extract(src, tmp_path / "s", batch_size=batch_size)
+    assert (r.embedded, r.reused) == (2, 2)
+    store = open_store(tmp_path / "s")
+    assert len(store) == 4
+    a, b, d = (store.vectors[store.row_of(n)] for n in ("a.jpg", "b.jpg", "d.jpg"))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, d)
+    rows = {p: i for i, p in enumerate(store.paths)}
+    assert len({store.table["width"][rows[n]].as_py() for n in ("a.jpg", "b.jpg")}) == 1
+    assert store.table["width"][rows["b.jpg"]].as_py() is not None
+    again = _extract(src, tmp_path / "s")
+    assert (again.embedded, again.reused, again.unchanged) == (0, 0, 4)

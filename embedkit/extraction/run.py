@@ -462,6 +462,10 @@ def _extract(
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
+        # Byte-identical files of this run have the same size: only files whose size occurs
+        # more than once can be copies, and only their vectors are kept for reuse.
+        sizes = Counter(st.st_size for _, st in plan.todo)
+        rows.copy_sizes = {size for size, count in sizes.items() if count > 1}
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
         runner: Engine
         if local:
@@ -558,6 +562,10 @@ class _Rows:
         self.writer, self.normalize = writer, normalize
         self.commit_every, self.summary = commit_every, summary
         self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
+        # Files of this run that may have byte-identical copies in it (their size is shared),
+        # and the stored vectors of those embedded so far, by content hash.
+        self.copy_sizes: set[int] = set()
+        self.run_vectors: dict[str, np.ndarray] = {}
 
     def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
         ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
@@ -566,16 +574,25 @@ class _Rows:
             vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
             self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
             self.summary.embedded += len(ok)
+            for n, i in enumerate(ok):
+                digest = chunk.results[i].content_hash
+                if files[i][1].st_size in self.copy_sizes and digest is not None:
+                    self.run_vectors.setdefault(digest, vectors[n : n + 1].copy())
         for i, r in enumerate(chunk.results):
             if r.status == "reuse":
                 assert r.content_hash is not None
-                src = self.known[r.content_hash]
-                w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
+                if r.content_hash in self.known:  # stored before this run
+                    src = self.known[r.content_hash]
+                    w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
+                    vector = self.known_vectors[src : src + 1]
+                else:  # a copy of a file embedded earlier in this run (the engine said so)
+                    w, h, nf = r.width, r.height, r.n_frames
+                    vector = self.run_vectors[r.content_hash]
                 self._add(
                     [files[i]],
-                    [Decoded("ok", r.content_hash, None, w, h, nf)],
+                    [Decoded("ok", r.content_hash, None, w, h, nf, detail=r.detail)],
                     STATUS_OK,
-                    self.known_vectors[src : src + 1],
+                    vector,
                 )
                 self.summary.reused += 1
             elif r.status == "failed":
