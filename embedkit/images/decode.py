@@ -20,7 +20,7 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
@@ -433,13 +433,14 @@ def _load_pixels(im: ImageFile.ImageFile, notes: list[str]) -> Image.Image:
     w, h = im.size
     if all(t.codec_name == "raw" for t in im.tile) and mode16 != "I;16N":
         # Uncompressed strips: the same bytes read as one 16-bit band (w * bands) wide.
-        im.tile = [
-            t._replace(
-                extents=(t.extents[0] * bands, t.extents[1], t.extents[2] * bands, t.extents[3]),
-                args=(mode16, *t.args[1:]),
+        tiles = []
+        for t in im.tile:
+            x0, y0, x1, y1 = cast(tuple[int, int, int, int], t.extents)
+            args = cast(tuple[Any, ...], t.args)
+            tiles.append(
+                t._replace(extents=(x0 * bands, y0, x1 * bands, y1), args=(mode16, *args[1:]))
             )
-            for t in im.tile
-        ]
+        im.tile = tiles
         im._mode = mode16
         im._size = (w * bands, h)
         if hasattr(im, "_tile_size"):  # the TIFF plugin allocates the image from this
