@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -439,3 +440,40 @@ def test_byte_identical_files_in_one_run_are_embedded_once(photo_dir, tmp_path, 
     assert store.table["width"][rows["b.jpg"]].as_py() is not None
     again = _extract(src, tmp_path / "s")
     assert (again.embedded, again.reused, again.unchanged) == (0, 0, 4)
+
+
+@pytest.mark.parametrize("content", ["empty", "no_images"])
+def test_no_images_is_exit_0_with_one_warning_naming_what_was_skipped(tmp_path, content):
+    src = tmp_path / "src"
+    src.mkdir()
+    if content == "no_images":
+        for name in (".DS_Store", "IMG_1.CR2", "IMG_2.NEF", "IMG_3.heic", "notes.txt"):
+            (src / name).write_bytes(b"x")
+    cmd = [sys.executable, "-m", "embedkit.cli", "extract", str(src), "--store",
+           str(tmp_path / "s"), "--model", TINY, "--random-init", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["found"] == 0 and summary["embedded"] == 0
+    if content == "empty":
+        assert "no files" in warnings[0] and summary["skipped"] == {}
+    else:
+        heic = "HEIC/HEIF" in warnings[0]
+        from embedkit.images.decode import IMAGE_SUFFIXES
+
+        expected = {"hidden": 1, "raw": 2, "other": 1}
+        if ".heic" not in IMAGE_SUFFIXES:  # pillow-heif not installed
+            expected["heic"] = 1
+            assert heic
+        assert summary["skipped"] == expected
+        assert "skipped" in warnings[0] and "2 camera RAW" in warnings[0]
+        assert "1 hidden" in warnings[0] and "1 unknown suffix" in warnings[0]
+
+
+def test_found_images_give_no_warning(photo_dir, tmp_path):
+    (photo_dir / "notes.txt").write_text("x")
+    r = _extract(photo_dir, tmp_path / "s")
+    assert r.warnings == [] and r.found == r.embedded > 0 and r.skipped == {"other": 1}

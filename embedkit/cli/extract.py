@@ -14,7 +14,7 @@ from ..store.info import store_failures, store_info
 from ..store.writer import export_store
 from ._app import app
 from ._clock import process_started
-from ._kit import console, print_json, run_command
+from ._kit import console, err_console, print_json, run_command
 
 if TYPE_CHECKING:  # torch and timm load in the command, not at --help
     from ..extraction.run import ExtractSummary
@@ -134,6 +134,8 @@ def extract_cmd(
             on_progress=progress,
             started=process_started(),  # wall_s: what the user waited, imports included
         )
+    for line in summary.warnings:
+        err_console.print(Text("warning: ", style="bold yellow") + Text(line), soft_wrap=True)
     if json_out:
         print_json(summary.to_dict())
     else:

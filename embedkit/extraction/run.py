@@ -25,7 +25,7 @@ from .._version import __version__
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
-from ..images.sources import FoundFile, find_images
+from ..images.sources import SKIP_KINDS, FoundFile, find_images
 from ..models.embedder import Embedder, cached_embedder
 from ..store.read import (
     STATUS_DELETED,
@@ -79,6 +79,23 @@ class ExtractSummary:
     threads: int | None = None
     split: str | None = None
     batch_size: int | None = None
+    # What the sources held: image files found, and files of walked folders not taken, by
+    # kind (``images.sources.skip_kind``: hidden, raw, heic, avif, other).
+    found: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines worth a user's attention: the sources held no image to take."""
+        if self.found or self.n_failed:
+            return []
+        if not self.skipped:
+            return ["no image files found: the sources hold no files"]
+        kinds = ", ".join(
+            f"{n} {SKIP_KINDS[k]}" for k, n in sorted(self.skipped.items(), key=lambda kv: -kv[1])
+        )
+        total = sum(self.skipped.values())
+        return [f"no image files found; skipped {total} file(s): {kinds}"]
 
     @property
     def images_per_s(self) -> float:
@@ -104,6 +121,8 @@ class ExtractSummary:
             "threads": self.threads,
             "split": self.split,
             "batch_size": self.batch_size,
+            "found": self.found,
+            "skipped": dict(self.skipped),
         }
 
 
@@ -274,7 +293,8 @@ def extract(
     wall_from = started if started is not None else time.time()
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
     store = os.path.expanduser(os.fspath(store))
-    found, scan_failures = find_images(sources)
+    skipped: Counter[str] = Counter()
+    found, scan_failures = find_images(sources, skipped=skipped)
     # Compared with stored roots and paths, so in their stored form (``store.storable``).
     walked_roots = {storable(os.path.abspath(os.fspath(s))) for s in sources if os.path.isdir(s)}
     skipped_dirs = [
@@ -307,6 +327,7 @@ def extract(
             engine=engine, address=address,
         )  # fmt: skip
     summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
+    summary.found, summary.skipped = len(found), skipped
     return summary
 
 
