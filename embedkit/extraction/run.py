@@ -131,13 +131,7 @@ def store_metadata(model: Embedder, normalize: bool) -> dict[str, Any]:
     came from the ONNX cache or a loaded backbone)."""
     return {
         "embedkit_version": __version__,
-        "model": model.name,
-        "weights_source": model.weights_source,
-        "weights_sha256": model.weights_sha256,
-        "random_init": model.random_init,
-        "seed": model.seed,
-        "preprocess": model.preprocess.to_dict(),
-        "dim": model.dim,
+        **model.provenance.to_metadata(),
         "normalize": normalize,
         "torch_version": model.versions.get("torch_version"),
         "timm_version": model.versions.get("timm_version"),

@@ -37,6 +37,7 @@ from .._fs import atomic_path, atomic_write_bytes
 from ..errors import InvalidArgumentError, WeightsUnavailableError
 from .packaged import PACKAGED, package_weights_file
 from .preprocess import Preprocess
+from .provenance import Provenance
 
 if TYPE_CHECKING:
     from ..store.read import Store
@@ -182,16 +183,23 @@ class Embedder:
 
     forward = forward_uint8  # the engines' ``Forward`` contract
 
+    @property
+    def provenance(self) -> Provenance:
+        """The same record as ``Backbone.provenance`` of the model it was made from."""
+        return Provenance(
+            name=self.name,
+            arch=self.arch or self.name,
+            weights_source=self.weights_source,
+            weights_sha256=self.weights_sha256,
+            random_init=self.random_init,
+            seed=self.seed,
+            preprocess=self.preprocess,
+            dim=self.dim,
+        )
+
     def fingerprint(self) -> dict[str, Any]:
         """Same keys and values as ``Backbone.fingerprint``."""
-        return {
-            "name": self.name,
-            "arch": self.arch or self.name,
-            "weights_sha256": self.weights_sha256,
-            "random_init": self.random_init,
-            "preprocess": self.preprocess.to_dict(),
-            "dim": self.dim,
-        }
+        return self.provenance.fingerprint()
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, runner: Any = None) -> Embedder:

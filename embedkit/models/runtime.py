@@ -23,7 +23,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,32 +48,6 @@ _GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see embedder.p
 
 class RuntimeMismatchError(EmbedkitError):
     """The ONNX export disagrees with torch, or cannot be built; the message says what to use."""
-
-
-class Runner(Protocol):
-    """What engines call instead of ``Backbone.forward``."""
-
-    runtime: str  # "torch" | "onnx"
-    dim: int
-    preprocess: Preprocess
-    threads: int
-
-    def forward(self, batch_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, dim)."""
-        ...
-
-    # True when the runtime's thread team can share cores with busy decode workers without
-    # collapsing (threads sleep instead of spin-waiting at their barriers).
-    can_share_cores: bool
-
-    def set_threads(self, threads: int, share_cores: bool = False) -> None:
-        """Run later batches with ``threads`` intra-op threads; ``share_cores``: some of those
-        cores also run decode workers (only asked of runners with ``can_share_cores``)."""
-        ...
-
-    def metadata(self) -> dict[str, Any]:
-        """What the store records about how the vectors were computed."""
-        ...
 
 
 class TorchRunner:
@@ -202,12 +176,13 @@ def onnx_cache_key(backbone: Backbone, opset: int = DEFAULT_OPSET) -> dict[str, 
     """Everything the exported graph depends on; its sha256 names the cache file."""
     import timm
 
-    return {
+    p = backbone.provenance
+    return {  # key order is part of the hash: keep it
         "graph_version": _GRAPH_VERSION,
-        "arch": backbone.arch or backbone.name,
-        "weights_sha256": backbone.weights_sha256,
-        "preprocess": backbone.preprocess.to_dict(),
-        "dim": backbone.dim,
+        "arch": p.arch,
+        "weights_sha256": p.weights_sha256,
+        "preprocess": p.preprocess.to_dict(),
+        "dim": p.dim,
         "opset": opset,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
