@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..defaults import DEFAULT_MODEL
+from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, ORT_PER_THREAD
 from ..store.info import store_failures, store_info
 from ..store.writer import export_store
 from ._app import app
@@ -58,8 +58,9 @@ def extract_cmd(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per forward pass (default: 8 for torch on CPU, 8 per model thread for "
-            "ONNX Runtime, probed from free memory on CUDA)."
+            help=f"Images per forward pass (default: {DEFAULT_BATCH['cpu', 'torch']} for torch "
+            f"on CPU, {ORT_PER_THREAD} per model thread for ONNX Runtime, probed from free "
+            "memory on CUDA)."
         ),
     ] = None,
     workers: Annotated[

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import DEFAULT_BATCH, ORT_MAX_BATCH, ORT_PER_THREAD
 from ..errors import InvalidArgumentError
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -225,16 +226,6 @@ def _v1_quota(d: Path) -> float | None:
 
 
 # -- batch policy ----------------------------------------------------------------------------------
-# CPU torch eager gets slower past batch 8 on small caches (measured on 2 vCPUs: batch 32
-# slower than 8). ONNX Runtime on CPU: per model thread (ORT_PER_THREAD). Measured on 2 vCPUs:
-# with one thread, batch 4/8/16 run at the same speed (efficientnet_lite0 80 img/s, resnet50
-# 13) and smaller batches keep the decode pipeline smoother end to end (lite0 on 12 MP JPEGs
-# 50.4 img/s at 8 vs 48.9 at 16); with two threads ORT needs bigger batches to use both (lite0
-# 89 / 102 / 126 img/s at 4 / 8 / 16). CUDA: the start of the probe, and the batch when
-# probing is off.
-DEFAULT_BATCH = {("cuda", "torch"): 64, ("cpu", "torch"): 8}
-ORT_PER_THREAD, ORT_MAX_BATCH = 8, 64
-
 # Probe limits: the batch never grows past PROBE_MAX, keeps MEMORY_HEADROOM of the free memory
 # for the allocator's fragmentation and other processes, and stops doubling once a doubling
 # gains less than MIN_GAIN in images per second.

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .._version import __version__
-from ..defaults import DEFAULT_MODEL
+from ..defaults import DEFAULT_COMMIT_EVERY, DEFAULT_MODEL
 from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..images.sources import SKIP_KINDS, FoundFile, find_images
@@ -215,7 +215,7 @@ def extract(
     workers: int | None = None,
     device: str = "auto",
     normalize: bool = False,
-    commit_every: int = 1024,
+    commit_every: int = DEFAULT_COMMIT_EVERY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int, int], None] | None = None,
     runtime: str = "auto",

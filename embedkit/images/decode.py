@@ -25,11 +25,8 @@ from typing import Any, BinaryIO, cast
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-# Pillow's own default refusal point: it raises DecompressionBombError above
-# 2 x Image.MAX_IMAGE_PIXELS (2 x 89_478_485, i.e. ~179 Mpx; 89.5 Mpx is a 256 MiB RGB image)
-# and only warns above Image.MAX_IMAGE_PIXELS. Pillow refuses above its limit at open time
-# whatever ``max_pixels`` says, so larger caps need Image.MAX_IMAGE_PIXELS raised too.
-DEFAULT_MAX_PIXELS = 178_956_970
+from ..defaults import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # re-exported
+
 # Files are read whole into a decode worker's memory. The largest legitimate file under the
 # pixel cap is an uncompressed 16-bit RGBA TIFF: 178,956,970 x 8 bytes = 1.43 GB. Anything
 # bigger is not an image we would decode (a video or disk image renamed .jpg, a sparse file),
