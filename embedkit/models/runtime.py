@@ -11,7 +11,7 @@ into ``$EMBEDKIT_CACHE/onnx`` (default ``~/.cache/embedkit/onnx``), written atom
 ``make_forward`` then checks the ONNX graph against torch on a probe batch and refuses it when
 they disagree by more than ``ONNX_RTOL`` of the feature scale; ``auto`` then falls back to
 torch with a warning, ``onnx`` raises. A checked export is recorded in the cache's index
-(``embedder.record_verified``), from which later processes run it without importing torch or
+(``onnx_cache.record_verified``), from which later processes run it without importing torch or
 timm (``embedder.cached_embedder``).
 """
 
@@ -33,8 +33,9 @@ from .._fs import atomic_path, atomic_write_bytes
 from ..errors import EmbedkitError, InvalidArgumentError
 from ..extraction.cores import usable_cores
 from .backbone import Backbone, precision_of
-from .embedder import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, OnnxSession, record_verified
-from .embedder import onnx_cache_dir as onnx_cache_dir
+from .embedder import OnnxSession
+from .onnx_cache import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, record_verified
+from .onnx_cache import onnx_cache_dir as onnx_cache_dir
 from .preprocess import Preprocess
 
 Runtime = Literal["auto", "torch", "onnx"]
@@ -43,7 +44,7 @@ RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
 # batch. float32 kernels that sum in another order differ by ~1e-6 of the scale (lite0 real
 # weights: 1.5e-5 absolute on features up to 5.3); 1e-3 still catches a wrong op or padding.
 ONNX_RTOL = 1e-3
-_GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see embedder.py
+_GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see onnx_cache.py
 
 
 class RuntimeMismatchError(EmbedkitError):
