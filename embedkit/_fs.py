@@ -133,7 +133,7 @@ def locked(
             with _held_guard:
                 _held[key] -= 1
         return
-    fd = _acquire(Path(key[0]), timeout, busy, waiting)
+    fd = acquire_flock(Path(key[0]), timeout, busy, waiting)
     with _held_guard:
         _held[key] = 1
     try:
@@ -145,12 +145,15 @@ def locked(
         os.close(fd)
 
 
-def _acquire(
+def acquire_flock(
     path: Path,
     timeout: float,
     busy: Callable[[str, float], Exception],
-    waiting: Callable[[str], None] | None,
+    waiting: Callable[[str], None] | None = None,
 ) -> int:
+    """An fd of ``path`` (created if missing) holding an exclusive ``flock``, with ``pid N``
+    written into it for whoever waits; after ``timeout`` seconds (0: one try) ``busy(holder,
+    timeout)`` is raised. The caller unlocks and closes the fd."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + timeout
     pause, told = _POLL_S[0], False

@@ -95,17 +95,18 @@ def decode_file(
 def _init_worker() -> None:
     """Set up a forked decode worker.
 
-    - Ignore SIGINT and SIGTERM, which a terminal, systemd or ``kill -- -PGID`` send to the
-      whole process group: the parent handles them (commits, then stops the workers).
+    - Ignore SIGINT, which a terminal sends to the whole process group: the parent handles
+      it (commits, then stops the workers). SIGTERM keeps its default: the executor itself
+      terminates workers with it when the pool breaks, and a worker killed by a group SIGTERM
+      costs nothing (the parent is ending too).
     - Die with the parent (Linux): a ``kill -9`` of the run must not leave decoders behind.
     - Drop the inherited store-lock descriptors, so only the parent holds the store lock.
     - Silence C-level stderr: libtiff prints pages of tag warnings for odd TIFFs. Nothing
       that matters is lost: every per-file problem is recorded as a reason and detail.
     """
-    # Ctrl-C and SIGTERM are the parent's to handle (it commits and exits); workers are stopped
-    # by the parent (``DecodePool.close(stop=True)``), or die with it (PR_SET_PDEATHSIG).
+    # Ctrl-C is the parent's to handle (it commits and exits); workers are stopped by the
+    # parent (``DecodePool.close(stop=True)``), or die with it (PR_SET_PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -187,7 +188,7 @@ class DecodePool:
         if stop:
             for proc in procs:
                 with contextlib.suppress(Exception):
-                    proc.kill()  # SIGKILL: workers ignore SIGINT and SIGTERM
+                    proc.kill()  # SIGKILL: workers ignore SIGINT
             for proc in procs:
                 with contextlib.suppress(Exception):
                     proc.join(timeout=5)
