@@ -180,11 +180,12 @@ class DecodePool:
         decoded are abandoned too (the workers are killed: they hold nothing but pixels)."""
         if self._executor is None:
             return
-        # The executor's own list of its processes (it has no public one); read before
-        # shutdown, which forgets it.
-        procs = list((getattr(self._executor, "_processes", None) or {}).values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
+        executor, self._executor = self._executor, None
+        # The executor's own processes and result pipe (no public access); read before
+        # shutdown, which forgets them.
+        procs = list((getattr(executor, "_processes", None) or {}).values())
+        result_writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+        executor.shutdown(wait=False, cancel_futures=True)
         if stop:
             for proc in procs:
                 with contextlib.suppress(Exception):
@@ -192,6 +193,13 @@ class DecodePool:
             for proc in procs:
                 with contextlib.suppress(Exception):
                     proc.join(timeout=5)
+            # A worker killed while writing its result leaves half a message in the result
+            # pipe, and the executor's manager thread then waits for the rest forever (and the
+            # interpreter's exit waits for that thread). Closing our end of the pipe's write
+            # side turns the wait into EOF, which the thread handles as a broken pool and ends.
+            if result_writer is not None:
+                with contextlib.suppress(Exception):
+                    result_writer.close()
 
     def imap_unordered(
         self, tasks: Iterable[tuple[int, str]], window: int
