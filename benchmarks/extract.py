@@ -38,9 +38,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
+from embedkit.extraction.cores import default_workers, plan_threads, usable_cores  # noqa: E402
 from embedkit.extraction.local import LocalEngine  # noqa: E402
 from embedkit.extraction.run import extract  # noqa: E402
-from embedkit.extraction.threads import default_workers, plan_threads, usable_cores  # noqa: E402
 from embedkit.models.backbone import Backbone, load_backbone  # noqa: E402
 from embedkit.models.runtime import make_forward  # noqa: E402
 

@@ -185,7 +185,7 @@ def main() -> None:
             "cost, no weight file to read, so it is, if anything, flattered. It runs with one "
             "torch thread: with torch's default (2 here) its batch-1 forward swings from 0.03 "
             "to 3 s per image whenever other processes use the cores (OpenMP teams spin at "
-            "barriers, see extraction/threads.py; 103 s and 179 s for the 120 files in two "
+            "barriers, see extraction/cores.py; 103 s and 179 s for the 120 files in two "
             "runs on this shared box, `--naive-default-threads`), which would flatter us. The "
             "ratio is against the faster naive variant measured. Our extract reads JPEGs in "
             "draft mode (decoding at 1/2-1/8 scale), runs decode workers beside ONNX Runtime, "

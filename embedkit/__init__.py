@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -28,7 +28,7 @@ _EXPORTS = {
     "Backbone": "models.backbone",
     "DEFAULT_MODEL": "defaults",
     "EmbedkitError": "errors",
-    "ExtractSummary": "extraction.run",
+    "ExtractSummary": "extraction.summary",
     "FAILURE_REASONS": "images.decode",
     "ImageFileError": "errors",
     "Index": "index.ram",
@@ -100,7 +100,8 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from .extraction.embed import backbone_for_store, embed
-    from .extraction.run import ExtractSummary, extract
+    from .extraction.run import extract
+    from .extraction.summary import ExtractSummary
     from .images.decode import FAILURE_REASONS, open_rgb
     from .images.model_input import load_model_input
     from .images.move import undo_moves

@@ -68,6 +68,32 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
+# -- descriptors forked children must not keep ---------------------------------------------------
+
+# Descriptors that a forked child (a decode worker) must close: a store writer's lock fd,
+# registered while held. flock locks belong to the open file, which a fork shares, so a worker
+# that kept the fd would hold the store lock past its parent.
+_close_in_children: set[int] = set()
+
+
+def close_in_children(fd: int) -> None:
+    """Register ``fd`` to be closed by ``close_registered_fds`` in forked children."""
+    _close_in_children.add(fd)
+
+
+def keep_in_children(fd: int) -> None:
+    """Undo ``close_in_children`` (the fd is about to be closed by its owner)."""
+    _close_in_children.discard(fd)
+
+
+def close_registered_fds() -> None:
+    """In a freshly forked child: close every registered descriptor."""
+    for fd in list(_close_in_children):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _close_in_children.clear()
+
+
 # -- locking -------------------------------------------------------------------------------------
 
 # Locks this process holds: (lock path, thread id) -> depth. flock conflicts between two open
@@ -107,7 +133,7 @@ def locked(
             with _held_guard:
                 _held[key] -= 1
         return
-    fd = _acquire(Path(key[0]), timeout, busy, waiting)
+    fd = acquire_flock(Path(key[0]), timeout, busy, waiting)
     with _held_guard:
         _held[key] = 1
     try:
@@ -119,12 +145,15 @@ def locked(
         os.close(fd)
 
 
-def _acquire(
+def acquire_flock(
     path: Path,
     timeout: float,
     busy: Callable[[str, float], Exception],
-    waiting: Callable[[str], None] | None,
+    waiting: Callable[[str], None] | None = None,
 ) -> int:
+    """An fd of ``path`` (created if missing) holding an exclusive ``flock``, with ``pid N``
+    written into it for whoever waits; after ``timeout`` seconds (0: one try) ``busy(holder,
+    timeout)`` is raised. The caller unlocks and closes the fd."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + timeout
     pause, told = _POLL_S[0], False

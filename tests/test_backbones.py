@@ -328,3 +328,42 @@ def test_default_model_loads_offline_and_sees_a_cat() -> None:
     path = backbones.package_weights_file(DEFAULT_MODEL)
     assert path is not None
     assert load_backbone(weights=path).weights_sha256 == bb.weights_sha256
+
+
+def test_one_provenance_record_gives_the_fingerprint_and_store_metadata(tmp_path):
+    """Backbone, Embedder and the store metadata all come from ``Provenance``, with the keys
+    and values stores and probes were written with (a change here breaks saved files)."""
+    from conftest import TINY, make_photo
+
+    from embedkit.extraction.run import extract
+    from embedkit.models.backbone import load_backbone
+    from embedkit.models.embedder import Embedder
+    from embedkit.store.read import read_manifest
+
+    b = load_backbone(TINY, random_init=True)
+    expected_fp = {
+        "name": b.name,
+        "arch": b.arch or b.name,
+        "weights_sha256": b.weights_sha256,
+        "random_init": b.random_init,
+        "preprocess": b.preprocess.to_dict(),
+        "dim": b.dim,
+    }
+    assert b.fingerprint() == expected_fp
+    assert list(b.fingerprint()) == list(expected_fp)
+    e = Embedder.from_backbone(b)
+    assert e.provenance == b.provenance and e.fingerprint() == expected_fp
+    make_photo(tmp_path / "p" / "a.jpg", 0)
+    extract([tmp_path / "p"], tmp_path / "s", model=TINY, random_init=True, workers=0)
+    md = read_manifest(tmp_path / "s")["metadata"]
+    for key, value in {
+        "model": b.name,
+        "weights_source": "random-init",
+        "weights_sha256": b.weights_sha256,
+        "random_init": True,
+        "seed": b.seed,
+        "preprocess": b.preprocess.to_dict(),
+        "dim": b.dim,
+        "normalize": False,
+    }.items():
+        assert md[key] == value, key

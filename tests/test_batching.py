@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedkit.extraction.batching import ORT_MAX_BATCH, default_batch_size, probe_batch_size
+from embedkit.defaults import ORT_MAX_BATCH
+from embedkit.extraction.cores import default_batch_size, probe_batch_size
 from embedkit.models.backbone import precision_of
 
 GB = 2**30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -348,3 +349,131 @@ def test_file_names_that_are_not_utf8(photo_dir, tmp_path):
     assert (again.unchanged, again.embedded, again.deleted) == (8, 0, 0)
     hits = search(store, [os.fsdecode(raw)], k=1)[0].hits
     assert hits[0].path.endswith("caf\\xe9 \\xff.jpg") and hits[0].score > 0.999
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return {int(c) for c in path.read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "word"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+)
+def test_signal_to_the_main_process_commits_and_stops_the_workers_promptly(
+    tmp_path, sig, status, word
+):
+    """SIGTERM (timeout, systemd, docker stop) and a SIGINT sent to the main process only (not
+    the group, so the workers do not get it): committed rows kept, process and every decode
+    worker gone within seconds, the rerun completes exactly once."""
+    src = tmp_path / "many"
+    n = 200
+    for i in range(n):
+        make_photo(src / f"{i:03d}.jpg", i, size=(1600, 1200))
+    st = tmp_path / "s"
+    # torch at batch 1, commits every 2 rows: slow per image, so the signal lands mid-run
+    # with rows already committed; big photos keep the worker busy decoding meanwhile.
+    script = tmp_path / "cli.py"
+    script.write_text(
+        "import sys\nfrom embedkit.extraction import run\n"
+        "run.extract.__kwdefaults__['commit_every'] = 2\n"
+        "from embedkit.cli import app\nsys.exit(app())\n"
+    )
+    cmd = [sys.executable, str(script), "extract", str(src), "--store", str(st),
+           "--model", TINY, "--random-init", "--workers", "2", "--batch-size", "1",
+           "--runtime", "torch"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (st / "manifest.json").exists() and len(open_store(st)) >= 4:
+            break  # mid-run, with committed rows
+        time.sleep(0.05)
+    workers = _children(p.pid)
+    assert p.poll() is None and workers, "the run ended before the signal could be sent"
+    p.send_signal(sig)
+    t0 = time.time()
+    out, err = p.communicate(timeout=60)
+    gone_s = time.time() - t0
+    assert p.returncode == status, (out, err)
+    assert word in err and "Traceback" not in err, err
+    assert gone_s < 5.0, f"the process lived {gone_s:.1f}s after the signal"
+    time.sleep(0.5)  # orphaned workers would be re-parented, not gone
+    assert not [w for w in workers if _alive(w)], "a decode worker outlived the run"
+    partial = open_store(st)
+    assert 0 < len(partial) < n
+    r = _extract(src, st)
+    assert r.unchanged == len(partial) and r.embedded + r.reused == n - len(partial)
+    store = open_store(st)
+    assert len(store) == n and len(set(store.paths)) == n
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_byte_identical_files_in_one_run_are_embedded_once(photo_dir, tmp_path, batch_size):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(photo_dir / "img0.jpg", src / name)
+    shutil.copy(photo_dir / "img1.jpg", src / "c.jpg")
+    shutil.copy(photo_dir / "img0.jpg", src / "d.jpg")
+    r = _extract(src, tmp_path / "s", batch_size=batch_size)
+    assert (r.embedded, r.reused) == (2, 2)
+    store = open_store(tmp_path / "s")
+    assert len(store) == 4
+    a, b, d = (store.vectors[store.row_of(n)] for n in ("a.jpg", "b.jpg", "d.jpg"))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, d)
+    rows = {p: i for i, p in enumerate(store.paths)}
+    assert len({store.table["width"][rows[n]].as_py() for n in ("a.jpg", "b.jpg")}) == 1
+    assert store.table["width"][rows["b.jpg"]].as_py() is not None
+    again = _extract(src, tmp_path / "s")
+    assert (again.embedded, again.reused, again.unchanged) == (0, 0, 4)
+
+
+@pytest.mark.parametrize("content", ["empty", "no_images"])
+def test_no_images_is_exit_0_with_one_warning_naming_what_was_skipped(tmp_path, content):
+    src = tmp_path / "src"
+    src.mkdir()
+    if content == "no_images":
+        for name in (".DS_Store", "IMG_1.CR2", "IMG_2.NEF", "IMG_3.heic", "notes.txt"):
+            (src / name).write_bytes(b"x")
+    cmd = [sys.executable, "-m", "embedkit.cli", "extract", str(src), "--store",
+           str(tmp_path / "s"), "--model", TINY, "--random-init", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["found"] == 0 and summary["embedded"] == 0
+    if content == "empty":
+        assert "no files" in warnings[0] and summary["skipped"] == {}
+    else:
+        heic = "HEIC/HEIF" in warnings[0]
+        from embedkit.images.decode import IMAGE_SUFFIXES
+
+        expected = {"hidden": 1, "raw": 2, "other": 1}
+        if ".heic" not in IMAGE_SUFFIXES:  # pillow-heif not installed
+            expected["heic"] = 1
+            assert heic
+        assert summary["skipped"] == expected
+        assert "skipped" in warnings[0] and "2 camera RAW" in warnings[0]
+        assert "1 hidden" in warnings[0] and "1 unknown suffix" in warnings[0]
+
+
+def test_found_images_give_no_warning(photo_dir, tmp_path):
+    (photo_dir / "notes.txt").write_text("x")
+    r = _extract(photo_dir, tmp_path / "s")
+    assert r.warnings == [] and r.found == r.embedded > 0 and r.skipped == {"other": 1}

@@ -541,3 +541,56 @@ def test_extreme_aspect_ratio_does_not_allocate_the_resized_image(tmp_path: Path
     assert done.returncode == 0, done.stderr[-2000:]
     shapes, peak_mb = done.stdout.rsplit("]", 1)
     assert shapes.count("(") == 2 and int(peak_mb) < 2048, done.stdout
+
+
+# -- 16-bit colour TIFFs: scaled from min..max like greyscale, not cut to their high byte ------
+
+
+def _sixteen_bit_twin(tmp_path: Path, bands: str, compression: str | None) -> tuple[Path, Path]:
+    """An 8-bit photo and its 16-bit twin holding 1000 + 16 * value (1000..5080, a typical
+    12-bit scanner range), as greyscale, RGB or RGBA (opaque) TIFF."""
+    import tifffile  # the test extra (via scikit-image); a missing one fails the test
+
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 255, (4, 4, 3)).astype(np.uint8))
+    photo = np.asarray(base.resize((64, 48), Image.Resampling.BICUBIC))
+    if bands == "L":
+        photo = np.asarray(Image.fromarray(photo).convert("L"))
+    eight = tmp_path / f"eight_{bands}.png"
+    Image.fromarray(photo).save(eight)
+    sixteen = 1000 + 16 * photo.astype(np.uint16)
+    if bands == "RGBA":
+        sixteen = np.dstack([sixteen, np.full(sixteen.shape[:2], 65535, np.uint16)])
+    path = tmp_path / f"sixteen_{bands}_{compression}.tif"
+    extra = {"extrasamples": ["unassalpha"]} if bands == "RGBA" else {}
+    photometric = "minisblack" if bands == "L" else "rgb"
+    tifffile.imwrite(path, sixteen, photometric=photometric, compression=compression, **extra)
+    return eight, path
+
+
+@pytest.mark.parametrize(
+    ("bands", "compression"),
+    [("L", None), ("RGB", None), ("RGBA", None), ("RGB", "zlib"), ("RGBA", "zlib")],
+)
+def test_16bit_tiffs_are_range_scaled_in_every_mode(
+    tmp_path: Path, bands: str, compression: str | None
+) -> None:
+    eight, sixteen = _sixteen_bit_twin(tmp_path, bands, compression)
+    ref = _arr(open_rgb(eight).image).astype(np.float64)
+    got = _arr(open_rgb(sixteen).image).astype(np.float64)
+    assert got.shape == ref.shape
+    # min..max scaling: the full 0..255 range, and the same picture as the 8-bit original
+    assert got.min() <= 5 and got.max() >= 250, (got.min(), got.max())
+    corr = np.corrcoef(ref.ravel(), got.ravel())[0, 1]
+    assert corr >= 0.99, corr
+
+
+def test_16bit_rgb_tiff_embeds_like_its_8bit_original(tmp_path: Path) -> None:
+    from conftest import TINY
+
+    from embedkit.extraction.embed import embed
+
+    eight, sixteen = _sixteen_bit_twin(tmp_path, "RGB", None)
+    a, b = embed([eight, sixteen], model=TINY, random_init=True)
+    cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos >= 0.98, cos

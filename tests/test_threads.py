@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from embedkit.errors import InvalidArgumentError
-from embedkit.extraction import threads
-from embedkit.extraction.threads import cgroup_cpu_quota, plan_threads, usable_cores
+from embedkit.extraction import cores as threads
+from embedkit.extraction.cores import cgroup_cpu_quota, plan_threads, usable_cores
 
 
 def test_policy_is_cores_minus_workers_at_least_one():
@@ -41,7 +41,7 @@ def test_usable_cores_respects_affinity_in_a_subprocess():
     code = textwrap.dedent(f"""
         import os
         os.sched_setaffinity(0, {{{one}}})
-        from embedkit.extraction.threads import usable_cores, plan_threads, default_workers
+        from embedkit.extraction.cores import usable_cores, plan_threads, default_workers
         print(usable_cores(), plan_threads(workers=0).intra_op, plan_threads(workers=2).intra_op,
               default_workers())
     """)

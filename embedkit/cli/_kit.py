@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,19 +39,42 @@ class OutputFormat(str, enum.Enum):
     csv = "csv"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, systemd, ``docker stop``), raised in the main thread so that it
+    unwinds like Ctrl-C: ``finally`` blocks commit what was done and stop the workers."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+# Exit statuses of a process ended by a signal, as shells report them: 128 + the signal number.
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
 def run_command(func: F) -> F:
-    """Wrap a command body: typed user errors become one line and exit code 1."""
+    """Wrap a command body: typed user errors become one line and exit code 1; Ctrl-C and
+    SIGTERM end it with one line and 130 / 143 after the library's cleanup has run."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Signal handlers can only be set from the main thread (tests may call from others).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
         try:
             return func(*args, **kwargs)
         except EmbedkitError as exc:
             err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
             raise typer.Exit(code=1) from None
+        except Terminated:
+            err_console.print("terminated; committed work is kept, rerun to resume")
+            raise typer.Exit(code=EXIT_SIGTERM) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; committed work is kept, rerun to resume")
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=EXIT_SIGINT) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper  # type: ignore[return-value]
 

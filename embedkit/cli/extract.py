@@ -9,12 +9,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..defaults import DEFAULT_MODEL
+from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, ORT_PER_THREAD
 from ..store.info import store_failures, store_info
 from ..store.writer import export_store
 from ._app import app
 from ._clock import process_started
-from ._kit import console, print_json, run_command
+from ._kit import console, err_console, print_json, run_command
 
 if TYPE_CHECKING:  # torch and timm load in the command, not at --help
     from ..extraction.run import ExtractSummary
@@ -58,8 +58,9 @@ def extract_cmd(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per forward pass (default: 8 for torch on CPU, 8 per model thread for "
-            "ONNX Runtime, probed from free memory on CUDA)."
+            help=f"Images per forward pass (default: {DEFAULT_BATCH['cpu', 'torch']} for torch "
+            f"on CPU, {ORT_PER_THREAD} per model thread for ONNX Runtime, probed from free "
+            "memory on CUDA)."
         ),
     ] = None,
     workers: Annotated[
@@ -120,25 +121,29 @@ def extract_cmd(
     Example: embedkit extract ~/Pictures --store pictures.store
     """
     from ..extraction.run import extract
+    from .progress import ExtractProgress
 
-    summary = extract(
-        [str(s) for s in sources],
-        store,
-        model=model,
-        weights=weights,
-        random_init=random_init,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        normalize=normalize,
-        runtime=runtime,
-        threads=threads,
-        engine=engine,
-        address=address,
-        verbose=verbose,
-        progress=not json_out,
-        started=process_started(),  # wall_s: what the user waited, imports included
-    )
+    with ExtractProgress(enabled=not json_out) as progress:
+        summary = extract(
+            [str(s) for s in sources],
+            store,
+            model=model,
+            weights=weights,
+            random_init=random_init,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            normalize=normalize,
+            runtime=runtime,
+            threads=threads,
+            engine=engine,
+            address=address,
+            verbose=verbose,
+            on_progress=progress,
+            started=process_started(),  # wall_s: what the user waited, imports included
+        )
+    for line in summary.warnings:
+        err_console.print(Text("warning: ", style="bold yellow") + Text(line), soft_wrap=True)
     if json_out:
         print_json(summary.to_dict())
     else:

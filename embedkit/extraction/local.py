@@ -17,8 +17,8 @@ import numpy as np
 
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..models.preprocess import Preprocess
+from .cores import balanced_split
 from .pool import Decoded, DecodePool
-from .threads import balanced_split
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LocalEngine:
     """Decode workers on this machine + the model in this process.
 
     With ``balance_cores`` set, the split between decode workers and model threads is
-    re-chosen once, early in the run, from this run's own timings (``threads.balanced_split``):
+    re-chosen once, early in the run, from this run's own timings (``cores.balanced_split``):
     seconds per decoded file reported by the workers, and forward seconds x threads per image.
     The model must then have ``set_threads`` (the ``runtime`` runners do);
     ``batch_for_threads`` (when given) sets the batch size for the new thread count.
@@ -85,6 +85,8 @@ class LocalEngine:
         window = self._window()
         keys: list[int] = []
         results: list[Decoded] = []
+        embedded: set[str] = set()  # content hashes sent to the model in this run
+        copies: list[tuple[int, Decoded]] = []  # copies waiting for their original's chunk
         with DecodePool(
             self.workers,
             self.model.preprocess,
@@ -95,6 +97,13 @@ class LocalEngine:
                 if r.status != "ok":
                     yield Chunk([key], [r], None)
                     continue
+                if r.content_hash is not None and r.content_hash in embedded:
+                    # A byte-identical copy of a file of this run: not embedded again; its
+                    # "reuse" follows the chunk that carries the original's vector.
+                    copies.append((key, _as_copy(r)))
+                    continue
+                if r.content_hash is not None:
+                    embedded.add(r.content_hash)
                 keys.append(key)
                 results.append(r)
                 if self._balancing:
@@ -102,9 +111,11 @@ class LocalEngine:
                 if len(keys) >= self.batch_size:
                     yield self._forward(keys, results)
                     keys, results = [], []
+                    yield from _flush(copies)
                     self._maybe_balance(pool)
         if keys:
             yield self._forward(keys, results)
+        yield from _flush(copies)
 
     def _window(self) -> int:
         # Enough files in flight to fill the next batch while this one runs, and to keep
@@ -154,3 +165,15 @@ class LocalEngine:
         # (replace keeps everything else, e.g. the decode warnings an ok row records in detail)
         slim = [replace(r, pixels=None) for r in results]
         return Chunk(keys, slim, vectors)
+
+
+def _as_copy(r: Decoded) -> Decoded:
+    """A decoded copy of a file embedded in this run, as a "reuse" result (no pixels)."""
+    return replace(r, status="reuse", pixels=None, seconds=0.0)
+
+
+def _flush(copies: list[tuple[int, Decoded]]) -> Iterator[Chunk]:
+    """Yield the held copies (their originals' chunks were yielded before) and forget them."""
+    if copies:
+        yield Chunk([k for k, _ in copies], [r for _, r in copies], None)
+        copies.clear()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._fs import close_registered_fds
 from ..images.decode import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -34,7 +35,6 @@ from ..images.decode import (
 )
 from ..images.model_input import load_model_input
 from ..models.preprocess import Preprocess
-from ..store import writer as store_writer
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,17 @@ def decode_file(
 def _init_worker() -> None:
     """Set up a forked decode worker.
 
-    - Ignore SIGINT, which a terminal sends to the whole process group.
+    - Ignore SIGINT, which a terminal sends to the whole process group: the parent handles
+      it (commits, then stops the workers). SIGTERM keeps its default: the executor itself
+      terminates workers with it when the pool breaks, and a worker killed by a group SIGTERM
+      costs nothing (the parent is ending too).
     - Die with the parent (Linux): a ``kill -9`` of the run must not leave decoders behind.
     - Drop the inherited store-lock descriptors, so only the parent holds the store lock.
     - Silence C-level stderr: libtiff prints pages of tag warnings for odd TIFFs. Nothing
       that matters is lost: every per-file problem is recorded as a reason and detail.
     """
-    # Ctrl-C is the parent's to handle (it commits and exits); workers just get cancelled.
+    # Ctrl-C is the parent's to handle (it commits and exits); workers are stopped by the
+    # parent (``DecodePool.close(stop=True)``), or die with it (PR_SET_PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -109,10 +113,7 @@ def _init_worker() -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
-    for fd in list(store_writer.HELD_LOCK_FDS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    store_writer.HELD_LOCK_FDS.clear()
+    close_registered_fds()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
@@ -168,13 +169,37 @@ class DecodePool:
     def __enter__(self) -> DecodePool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Leaving early (Ctrl-C, SIGTERM, an error, the consumer closing the generator): the
+        # files in flight are not wanted any more, so the workers stop now instead of finishing
+        # them (a 12 MP decode is seconds of a core, and the interpreter's exit would wait).
+        self.close(stop=exc_type is not None)
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    def close(self, stop: bool = False) -> None:
+        """Shut the workers down: queued files are cancelled; with ``stop`` the files being
+        decoded are abandoned too (the workers are killed: they hold nothing but pixels)."""
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        # The executor's own processes and result pipe (no public access); read before
+        # shutdown, which forgets them.
+        procs = list((getattr(executor, "_processes", None) or {}).values())
+        result_writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        if stop:
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.kill()  # SIGKILL: workers ignore SIGINT
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.join(timeout=5)
+            # A worker killed while writing its result leaves half a message in the result
+            # pipe, and the executor's manager thread then waits for the rest forever (and the
+            # interpreter's exit waits for that thread). Closing our end of the pipe's write
+            # side turns the wait into EOF, which the thread handles as a broken pool and ends.
+            if result_writer is not None:
+                with contextlib.suppress(Exception):
+                    result_writer.close()
 
     def imap_unordered(
         self, tasks: Iterable[tuple[int, str]], window: int

@@ -11,96 +11,42 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import __version__
-from ..cli.progress import ExtractProgress
-from ..defaults import DEFAULT_MODEL
+from .._version import __version__
+from ..defaults import DEFAULT_COMMIT_EVERY, DEFAULT_MODEL
 from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..images.sources import FoundFile, find_images
 from ..models.embedder import Embedder, cached_embedder
 from ..store.read import (
-    STATUS_DELETED,
-    STATUS_FAILED,
     STATUS_OK,
     _read_parts,
-    l2_normalize,
     live_rows,
     read_manifest,
-    row_id,
     storable,
     vectors_of,
 )
 from ..store.writer import StoreWriter
-from .batching import default_batch_size, probe_cuda_batch_size
-from .local import Chunk, Engine, LocalEngine
-from .pool import Decoded
-from .threads import default_workers, plan_threads, usable_cores
+from .cores import (
+    default_batch_size,
+    default_workers,
+    plan_threads,
+    probe_cuda_batch_size,
+    usable_cores,
+)
+from .local import Engine, LocalEngine
+from .plan import plan_run
+from .rows import Rows, count_ok, record_deleted_and_failed
+from .summary import ExtractSummary as ExtractSummary  # re-exported: the run returns it
 
-# Failures worth retrying on a rerun even when the file did not change: they depend on the
-# environment (permissions, a crashing worker, a file that vanished mid-run), not the bytes.
 ENGINES = ("local", "ray")
-
-TRANSIENT_REASONS = frozenset({"permission_denied", "decode_crash", "not_found"})
-
-
-@dataclass
-class ExtractSummary:
-    """What one ``extract`` run did."""
-
-    store: str
-    embedded: int = 0
-    reused: int = 0  # vectors copied from a file with the same content (rename, copy, touch)
-    unchanged: int = 0
-    deleted: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    rows: int = 0  # live embedded rows in the store after the run
-    # The whole run, model loading included; from process start when ``started`` is given
-    # (the CLI passes its own start, so that imports count too: the time the user waited).
-    wall_s: float = 0.0
-    embed_s: float = 0.0  # decoding + forward + commits only
-    # How the cores were split (local engine): decode workers, model threads, and whether the
-    # split came from this run's timings ("measured"), was the starting split of a run too short
-    # to measure ("initial"), the static policy ("policy": --workers given) or --threads.
-    workers: int | None = None
-    threads: int | None = None
-    split: str | None = None
-    batch_size: int | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
-
-    @property
-    def n_failed(self) -> int:
-        return sum(self.failed.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "store": self.store,
-            "embedded": self.embedded,
-            "reused": self.reused,
-            "unchanged": self.unchanged,
-            "deleted": self.deleted,
-            "failed": dict(self.failed),
-            "rows": self.rows,
-            "wall_s": round(self.wall_s, 3),
-            "embed_s": round(self.embed_s, 3),
-            "images_per_s": round(self.images_per_s, 2),
-            "workers": self.workers,
-            "threads": self.threads,
-            "split": self.split,
-            "batch_size": self.batch_size,
-        }
 
 
 def store_metadata(model: Embedder, normalize: bool) -> dict[str, Any]:
@@ -108,83 +54,11 @@ def store_metadata(model: Embedder, normalize: bool) -> dict[str, Any]:
     came from the ONNX cache or a loaded backbone)."""
     return {
         "embedkit_version": __version__,
-        "model": model.name,
-        "weights_source": model.weights_source,
-        "weights_sha256": model.weights_sha256,
-        "random_init": model.random_init,
-        "seed": model.seed,
-        "preprocess": model.preprocess.to_dict(),
-        "dim": model.dim,
+        **model.provenance.to_metadata(),
         "normalize": normalize,
         "torch_version": model.versions.get("torch_version"),
         "timm_version": model.versions.get("timm_version"),
     }
-
-
-@dataclass
-class _Plan:
-    todo: list[tuple[FoundFile, os.stat_result]]
-    unchanged: int
-    deleted_ids: list[int]
-    deleted_keys: list[tuple[str, str]]
-    failed_stat: list[tuple[FoundFile, str, str]]
-
-
-def _plan(
-    found: list[FoundFile], walked_roots: set[str], skipped_dirs: list[str], committed: pa.Table
-) -> _Plan:
-    existing: dict[int, tuple[int | None, int | None, str, str | None]] = {}
-    if committed.num_rows:
-        for i, s, m, st, r in zip(
-            committed["id"].to_pylist(),
-            committed["size"].to_pylist(),
-            committed["mtime_ns"].to_pylist(),
-            committed["status"].to_pylist(),
-            committed["reason"].to_pylist(),
-            strict=True,
-        ):
-            existing[i] = (s, m, st, r)
-    todo: list[tuple[FoundFile, os.stat_result]] = []
-    failed_stat: list[tuple[FoundFile, str, str]] = []
-    unchanged = 0
-    seen: set[int] = set()
-    for f in found:
-        fid = row_id(f.root, f.path)
-        seen.add(fid)
-        try:
-            st = os.stat(f.abspath)
-        except PermissionError:
-            failed_stat.append((f, "permission_denied", "cannot stat"))
-            continue
-        except OSError as exc:
-            failed_stat.append((f, "not_found", str(exc.strerror)))
-            continue
-        old = existing.get(fid)
-        if (
-            old is not None
-            and old[0] == st.st_size
-            and old[1] == st.st_mtime_ns
-            and not (old[2] == STATUS_FAILED and old[3] in TRANSIENT_REASONS)
-        ):
-            unchanged += 1
-            continue
-        todo.append((f, st))
-    deleted_ids, deleted_keys = [], []
-    if committed.num_rows:
-        for i, root, path in zip(
-            committed["id"].to_pylist(),
-            committed["root"].to_pylist(),
-            committed["path"].to_pylist(),
-            strict=True,
-        ):
-            if i in seen or root not in walked_roots:
-                continue
-            full = os.path.join(root, path)
-            if any(full.startswith(d + os.sep) for d in skipped_dirs):
-                continue  # under a folder we could not read this time: keep it
-            deleted_ids.append(i)
-            deleted_keys.append((root, path))
-    return _Plan(todo, unchanged, deleted_ids, deleted_keys, failed_stat)
 
 
 def extract(
@@ -198,9 +72,9 @@ def extract(
     workers: int | None = None,
     device: str = "auto",
     normalize: bool = False,
-    commit_every: int = 1024,
+    commit_every: int = DEFAULT_COMMIT_EVERY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
     runtime: str = "auto",
     threads: int | None = None,
     engine: Engine | str | None = None,
@@ -216,21 +90,22 @@ def extract(
         model: a preset or any timm model name.
         weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
         random_init: random weights on purpose; recorded in the store.
-        batch_size: images per forward pass (default ``batching.default_batch_size`` for the
+        batch_size: images per forward pass (default ``cores.default_batch_size`` for the
             device, runtime and model threads: 8 for torch on CPU, 8 per thread for ONNX
             Runtime, re-chosen with the thread split; on CUDA, probed: doubled from 32 while
             it fits the free memory and gets faster).
         workers: decode processes (0 decodes in-process). Default on CPU, when ``threads`` is
             not given either: one per usable core to start, then re-chosen with the model
             threads after the first batches from measured decode and model times
-            (``threads.balanced_split``); on CUDA: usable cores - 1.
+            (``cores.balanced_split``); on CUDA: usable cores - 1.
             ``ExtractSummary.workers/threads/split/batch_size`` say what ran.
         device: ``auto``, ``cpu`` or ``cuda``.
         normalize: store L2-normalised vectors (default: raw pooled features, which keeps the
             ImageNet head usable; search normalises on its own).
         commit_every: rows per committed part; a kill loses at most this many rows of work.
         max_pixels: images declaring more pixels are refused as decompression bombs.
-        progress: show a progress bar.
+        on_progress: called as ``on_progress(done, total)`` after every chunk of files
+            (the CLI passes its progress bar; the library draws nothing).
         runtime: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (ONNX Runtime on CPU
             when installed and its export matches torch, else torch). Vectors of either
             runtime are interchangeable within one store.
@@ -271,7 +146,8 @@ def extract(
     wall_from = started if started is not None else time.time()
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
     store = os.path.expanduser(os.fspath(store))
-    found, scan_failures = find_images(sources)
+    skipped: Counter[str] = Counter()
+    found, scan_failures = find_images(sources, skipped=skipped)
     # Compared with stored roots and paths, so in their stored form (``store.storable``).
     walked_roots = {storable(os.path.abspath(os.fspath(s))) for s in sources if os.path.isdir(s)}
     skipped_dirs = [
@@ -293,17 +169,18 @@ def extract(
         summary = _extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, emb, stored_md,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
             engine=engine, address=address, verbose=verbose,
         )  # fmt: skip
     except _NeedModel:  # files changed between the look without the model and the locked plan
         summary = _extract(
             found, scan_failures, walked_roots, skipped_dirs, store, request, None, None,
             batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, progress=progress,
+            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
             engine=engine, address=address, verbose=verbose,
         )  # fmt: skip
     summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
+    summary.found, summary.skipped = len(found), skipped
     return summary
 
 
@@ -349,7 +226,7 @@ def _metadata_if_nothing_to_do(
     elif not request.random_init and source.startswith("file:"):
         return None  # made with a file, asked for the default source: let the model decide
     committed = live_rows(_read_parts(Path(store), manifest, False))
-    plan = _plan(found, walked_roots, skipped_dirs, committed)
+    plan = plan_run(found, walked_roots, skipped_dirs, committed)
     return dict(md) if not plan.todo else None
 
 
@@ -382,7 +259,7 @@ def _extract(
     normalize: bool,
     commit_every: int,
     max_pixels: int,
-    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
     engine: Engine | str | None,
     address: str | None,
     verbose: bool = False,
@@ -393,13 +270,13 @@ def _extract(
         metadata = stored_md
         with StoreWriter(store, metadata) as writer:
             committed = writer.committed_rows()
-            plan = _plan(found, walked_roots, skipped_dirs, committed)
+            plan = plan_run(found, walked_roots, skipped_dirs, committed)
             if plan.todo:
                 raise _NeedModel
             summary.unchanged = plan.unchanged
-            _record_deleted_and_failed(writer, plan, scan_failures, summary)
+            record_deleted_and_failed(writer, plan, scan_failures, summary)
             writer.commit()
-            summary.rows = _count_ok(writer)
+            summary.rows = count_ok(writer)
         return summary
     if emb is None:
         emb = _load(request)
@@ -450,17 +327,21 @@ def _extract(
         if emb.head is not None:
             writer.save_head(*emb.head)
         committed = writer.committed_rows()
-        plan = _plan(found, walked_roots, skipped_dirs, committed)
+        plan = plan_run(found, walked_roots, skipped_dirs, committed)
         summary.unchanged = plan.unchanged
         # Vectors by content hash, for renamed, copied or touched files.
         ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
         known_vectors = vectors_of(ok, emb.dim)
         known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
 
-        _record_deleted_and_failed(writer, plan, scan_failures, summary)
+        record_deleted_and_failed(writer, plan, scan_failures, summary)
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
-        rows = _Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
+        rows = Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
+        # Byte-identical files of this run have the same size: only files whose size occurs
+        # more than once can be copies, and only their vectors are kept for reuse.
+        sizes = Counter(st.st_size for _, st in plan.todo)
+        rows.copy_sizes = {size for size, count in sizes.items() if count > 1}
         tasks = [(n, f.abspath) for n, (f, _) in enumerate(plan.todo)]
         runner: Engine
         if local:
@@ -481,12 +362,22 @@ def _extract(
             runner = engine
         t_embed = time.perf_counter()
         try:
-            with ExtractProgress(total=len(tasks), enabled=progress) as bar:
-                for chunk in runner.run(tasks, frozenset(known)):
+            done = 0
+            chunks = runner.run(tasks, frozenset(known))
+            try:
+                for chunk in chunks:
                     rows.take(chunk, [plan.todo[k] for k in chunk.keys])
-                    bar.advance(len(chunk.keys))
+                    done += len(chunk.keys)
+                    if on_progress is not None:
+                        on_progress(done, len(tasks))
+            finally:
+                # On Ctrl-C or SIGTERM, stop the engine's workers now: a suspended generator
+                # is only closed when collected, and the traceback keeps it alive.
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
         finally:
-            # Also on Ctrl-C: what was embedded is committed, so the rerun skips it.
+            # Also on Ctrl-C and SIGTERM: what was embedded is committed, so the rerun skips it.
             writer.commit()
             summary.embed_s = time.perf_counter() - t_embed
             if isinstance(runner, LocalEngine):
@@ -495,103 +386,5 @@ def _extract(
                     "measured" if runner.balanced else "initial" if balance else thread_plan.source
                 )
                 summary.batch_size = runner.batch_size
-        summary.rows = _count_ok(writer)
+        summary.rows = count_ok(writer)
     return summary
-
-
-def _record_deleted_and_failed(
-    writer: StoreWriter, plan: _Plan, scan_failures: list[Any], summary: ExtractSummary
-) -> None:
-    """Tombstones for deleted files and rows for files that failed before decoding."""
-    if plan.deleted_ids:
-        writer.add(
-            ids=plan.deleted_ids,
-            roots=[k[0] for k in plan.deleted_keys],
-            paths=[k[1] for k in plan.deleted_keys],
-            status=[STATUS_DELETED] * len(plan.deleted_ids),
-        )
-        summary.deleted = len(plan.deleted_ids)
-    failures = [(f.root, f.path, f.reason, f.detail) for f in scan_failures]
-    failures += [(f.root, f.path, r, d) for f, r, d in plan.failed_stat]
-    if failures:
-        writer.add(
-            ids=[row_id(r, p) for r, p, _, _ in failures],
-            roots=[x[0] for x in failures],
-            paths=[x[1] for x in failures],
-            status=[STATUS_FAILED] * len(failures),
-            reason=[x[2] for x in failures],
-            detail=[x[3] for x in failures],
-        )
-        summary.failed.update(x[2] for x in failures)
-
-
-def _count_ok(writer: StoreWriter) -> int:
-    live = writer.committed_rows()
-    live = live.filter(pc.not_equal(live["status"], STATUS_DELETED))
-    return int(pc.sum(pc.equal(live["status"], STATUS_OK)).as_py() or 0)
-
-
-class _Rows:
-    """Turns engine chunks into store rows, and commits every ``commit_every`` rows."""
-
-    def __init__(
-        self,
-        writer: StoreWriter,
-        normalize: bool,
-        commit_every: int,
-        summary: ExtractSummary,
-        known_vectors: np.ndarray,
-        known: dict[str, int],
-        known_meta: dict[str, list[Any]],
-    ) -> None:
-        self.writer, self.normalize = writer, normalize
-        self.commit_every, self.summary = commit_every, summary
-        self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
-
-    def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
-        ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
-        if ok:
-            assert chunk.vectors is not None and len(chunk.vectors) == len(ok)
-            vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
-            self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
-            self.summary.embedded += len(ok)
-        for i, r in enumerate(chunk.results):
-            if r.status == "reuse":
-                assert r.content_hash is not None
-                src = self.known[r.content_hash]
-                w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
-                self._add(
-                    [files[i]],
-                    [Decoded("ok", r.content_hash, None, w, h, nf)],
-                    STATUS_OK,
-                    self.known_vectors[src : src + 1],
-                )
-                self.summary.reused += 1
-            elif r.status == "failed":
-                self._add([files[i]], [r], STATUS_FAILED, None)
-                self.summary.failed[r.reason or "decode_error"] += 1
-        if self.writer.pending >= self.commit_every:
-            self.writer.commit()
-
-    def _add(
-        self,
-        files: list[tuple[FoundFile, os.stat_result]],
-        results: list[Decoded],
-        status: str,
-        vectors: np.ndarray | None,
-    ) -> None:
-        self.writer.add(
-            ids=[row_id(f.root, f.path) for f, _ in files],
-            roots=[f.root for f, _ in files],
-            paths=[f.path for f, _ in files],
-            content_hash=[r.content_hash for r in results],
-            size=[st.st_size for _, st in files],
-            mtime_ns=[st.st_mtime_ns for _, st in files],
-            width=[r.width for r in results],
-            height=[r.height for r in results],
-            n_frames=[r.n_frames for r in results],
-            status=[status] * len(files),
-            reason=[r.reason for r in results],
-            detail=[r.detail for r in results],
-            embedding=vectors,
-        )

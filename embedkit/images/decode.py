@@ -20,16 +20,13 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-# Pillow's own default refusal point: it raises DecompressionBombError above
-# 2 x Image.MAX_IMAGE_PIXELS (2 x 89_478_485, i.e. ~179 Mpx; 89.5 Mpx is a 256 MiB RGB image)
-# and only warns above Image.MAX_IMAGE_PIXELS. Pillow refuses above its limit at open time
-# whatever ``max_pixels`` says, so larger caps need Image.MAX_IMAGE_PIXELS raised too.
-DEFAULT_MAX_PIXELS = 178_956_970
+from ..defaults import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # re-exported
+
 # Files are read whole into a decode worker's memory. The largest legitimate file under the
 # pixel cap is an uncompressed 16-bit RGBA TIFF: 178,956,970 x 8 bytes = 1.43 GB. Anything
 # bigger is not an image we would decode (a video or disk image renamed .jpg, a sparse file),
@@ -292,7 +289,7 @@ def _decode_opened(
             box = drafted[1]
     if im.format == "PNG":
         _tolerate_trailing_chunks(im, notes)
-    im.load()
+    pixels = _load_pixels(im, notes)
 
     # Metadata gets its own try: a broken EXIF/XMP block means "no orientation", never a
     # lost picture. Pillow's getexif() also reads XMP tiff:Orientation when EXIF has none.
@@ -302,11 +299,11 @@ def _decode_opened(
         notes.append(f"EXIF unreadable ({_describe(e)}); orientation treated as absent")
         orientation = 1
     method = _TRANSPOSE.get(orientation)
-    out: Image.Image = im
+    out: Image.Image = pixels
     if method is not None:
         if box is not None:
-            box = _transpose_box(box, im.size, method)
-        out = im.transpose(method)
+            box = _transpose_box(box, pixels.size, method)
+        out = pixels.transpose(method)
         if method in _SWAPS_AXES:
             width, height = height, width
     return DecodedImage(_to_rgb(out), width=width, height=height, n_frames=n_frames, box=box)
@@ -407,6 +404,64 @@ def _tolerate_trailing_chunks(im: ImageFile.ImageFile, notes: list[str]) -> None
             notes.append(f"PNG chunks after the pixels unreadable ({_describe(e)}); ignored")
 
     im.load_end = load_end  # type: ignore[method-assign]
+
+
+# 16-bit RGB(A) TIFF samples, as Pillow's TIFF plugin names them: Pillow decodes them into 8-bit
+# RGB(A) keeping only the high byte (1000..5080 of 65535 becomes 3..19, nearly black). Read raw
+# (uncompressed) ones as 16-bit samples instead: rawmode -> (bands, the one-band 16-bit mode).
+_RGB16 = {
+    "RGB;16L": (3, "I;16"),
+    "RGB;16B": (3, "I;16B"),
+    "RGB;16N": (3, "I;16N"),
+    "RGBA;16L": (4, "I;16"),
+    "RGBA;16B": (4, "I;16B"),
+    "RGBA;16N": (4, "I;16N"),
+}
+
+
+def _load_pixels(im: ImageFile.ImageFile, notes: list[str]) -> Image.Image:
+    """``im.load()``, except for 16-bit RGB(A) TIFFs, which come back as 8-bit RGB(A) scaled
+    from their own min..max like every other high-depth image (``_scale_to_uint8``)."""
+    rawmodes = {t.args[0] for t in im.tile if t.args} if im.format == "TIFF" else set()
+    if len(rawmodes) != 1 or next(iter(rawmodes)) not in _RGB16:
+        im.load()
+        return im
+    bands, mode16 = _RGB16[next(iter(rawmodes))]
+    w, h = im.size
+    if all(t.codec_name == "raw" for t in im.tile) and mode16 != "I;16N":
+        # Uncompressed strips: the same bytes read as one 16-bit band (w * bands) wide.
+        tiles = []
+        for t in im.tile:
+            x0, y0, x1, y1 = cast(tuple[int, int, int, int], t.extents)
+            args = cast(tuple[Any, ...], t.args)
+            tiles.append(
+                t._replace(extents=(x0 * bands, y0, x1 * bands, y1), args=(mode16, *args[1:]))
+            )
+        im.tile = tiles
+        im._mode = mode16
+        im._size = (w * bands, h)
+        if hasattr(im, "_tile_size"):  # the TIFF plugin allocates the image from this
+            im._tile_size = (w * bands, h)
+        im.load()
+        samples = np.asarray(im).reshape(h, w, bands).astype(np.uint16)
+        alpha_max = 65535.0
+    else:
+        # Compressed (libtiff) strips only decode to 8 bits: scale the high bytes.
+        im.load()
+        samples = np.asarray(im)
+        alpha_max = 255.0
+        notes.append("compressed 16-bit RGB TIFF: scaled from the high byte of each sample")
+    return _rgb_from_samples(samples, alpha_max)
+
+
+def _rgb_from_samples(samples: np.ndarray, alpha_max: float) -> Image.Image:
+    """(H, W, 3 or 4) high-depth samples -> 8-bit RGB(A): one min..max range for the three
+    colour channels (so hues stay), alpha as a fraction of ``alpha_max``."""
+    rgb = _scale_to_uint8(samples[..., :3])
+    if samples.shape[-1] == 3:
+        return Image.fromarray(rgb, "RGB")
+    alpha = np.rint(samples[..., 3].astype(np.float32) * (255.0 / alpha_max)).astype(np.uint8)
+    return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
 _CONVERTIBLE = frozenset({"RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "L", "1", "P"})

@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import stat
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,37 @@ from ..errors import InvalidArgumentError
 from .decode import IMAGE_SUFFIXES, _describe
 
 _LIST_SUFFIXES = frozenset({".txt", ".csv"})
+
+# Camera RAW suffixes: Pillow has no decoder for them (convert to JPEG/TIFF first).
+RAW_SUFFIXES = frozenset(
+    {".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".raf", ".orf",
+     ".rw2", ".pef", ".srw", ".x3f", ".raw", ".3fr", ".erf", ".kdc", ".mrw", ".rwl", ".iiq"}
+)  # fmt: skip
+# Image formats that need a Pillow plugin or build option this install lacks.
+_PLUGIN_SUFFIXES = {".heic": "heic", ".heif": "heic", ".avif": "avif"}
+
+# Why a file in a walked folder was not taken: kind -> how the warning names it.
+SKIP_KINDS = {
+    "hidden": "hidden",
+    "raw": "camera RAW (no decoder)",
+    "heic": "HEIC/HEIF (pip install pillow-heif)",
+    "avif": "AVIF (Pillow built without libavif)",
+    "other": "unknown suffix",
+}
+
+
+def skip_kind(name: str) -> str:
+    """Why a file named ``name`` is not an image to decode (a key of ``SKIP_KINDS``)."""
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in RAW_SUFFIXES:
+        return "raw"
+    if suffix in _PLUGIN_SUFFIXES:
+        return _PLUGIN_SUFFIXES[suffix]
+    # .DS_Store, .picasa.ini, ._IMG_1.jpg from macOS; a hidden file with an image suffix is
+    # still taken, only hidden non-images are counted here.
+    return "hidden" if name.startswith(".") else "other"
+
+
 _NOT_A_FILE = "not a regular file (a pipe, device or socket)"
 
 
@@ -49,6 +81,8 @@ class ScanFailure:
 
 def find_images(
     sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    skipped: Counter[str] | None = None,
 ) -> tuple[list[FoundFile], list[ScanFailure]]:
     """Expand folders, image files and list files into the image files to decode.
 
@@ -61,6 +95,8 @@ def find_images(
 
     Args:
         sources: folders, image files and list files; a single path is accepted too.
+        skipped: when given, counts the files of walked folders that were not taken, by
+            ``skip_kind`` (hidden, camera RAW, HEIC/AVIF without a plugin, other suffixes).
 
     Returns:
         The files found (in source order, each source sorted by path) and the failures.
@@ -72,6 +108,7 @@ def find_images(
         sources = [sources]
     found: list[FoundFile] = []
     failures: list[ScanFailure] = []
+    skipped = skipped if skipped is not None else Counter()
     for source in sources:
         path = os.path.abspath(os.fsdecode(source))
         if not os.path.exists(path):
@@ -81,12 +118,12 @@ def find_images(
             )
         suffix = os.path.splitext(path)[1].lower()
         if os.path.isdir(path):
-            _walk(path, found, failures)
+            _walk(path, found, failures, skipped)
         elif suffix in _LIST_SUFFIXES:
             for entry in _read_list(path):
-                _add_entry(os.path.join(os.path.dirname(path), entry), found, failures)
+                _add_entry(os.path.join(os.path.dirname(path), entry), found, failures, skipped)
         else:
-            _add_entry(path, found, failures)
+            _add_entry(path, found, failures, skipped)
 
     seen: set[str] = set()
     unique: list[FoundFile] = []
@@ -98,12 +135,14 @@ def find_images(
     return unique, list(dict.fromkeys(failures))
 
 
-def _add_entry(path: str, found: list[FoundFile], failures: list[ScanFailure]) -> None:
+def _add_entry(
+    path: str, found: list[FoundFile], failures: list[ScanFailure], skipped: Counter[str]
+) -> None:
     """One explicitly named path: an image file, or a folder named inside a list file."""
     path = os.path.abspath(path)
     root, name = os.path.split(path)
     if os.path.isdir(path):
-        _walk(path, found, failures)
+        _walk(path, found, failures, skipped)
         return
     if not os.path.lexists(path):
         failures.append(ScanFailure(root, name, "not_found", "no such file"))
@@ -145,7 +184,9 @@ def _stat_failure(abspath: str, root: str, rel: str) -> ScanFailure | None:
     return None
 
 
-def _walk(root: str, found: list[FoundFile], failures: list[ScanFailure]) -> None:
+def _walk(
+    root: str, found: list[FoundFile], failures: list[ScanFailure], skipped: Counter[str]
+) -> None:
     """Recursive scan of one folder source; ``path`` values are relative to ``root``."""
     results: list[FoundFile] = []
     problems: list[ScanFailure] = []
@@ -188,6 +229,7 @@ def _walk(root: str, found: list[FoundFile], failures: list[ScanFailure]) -> Non
                 subdirs.append((entry.path, child, ancestors | {key}))
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                skipped[skip_kind(entry.name)] += 1
                 continue
             if entry.is_symlink():
                 failure = _stat_failure(entry.path, root, child)

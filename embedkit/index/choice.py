@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from typing import Literal, get_args
 
+from ..defaults import DEFAULT_MAX_MEMORY as DEFAULT_MAX_MEMORY  # re-exported
 from ..errors import InvalidArgumentError
 
 Metric = Literal["cosine", "l2"]
 METRICS: tuple[str, ...] = get_args(Metric)
 
-DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes; a fixed default keeps the chosen key reproducible
 
 # Exact search is cheap while one query costs at most ~50k x 512 multiply-adds (~5 ms on one
 # core with BLAS, less in batches); below that an approximate index only adds build time.

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import DEFAULT_SEARCH_K
 from ..errors import IndexStateError, InvalidArgumentError, StoreError
 from ..store.read import Store, open_store, storable
 from .lifecycle import Log, _rebuild_hint, open_synced
@@ -44,7 +45,7 @@ Query = str | int | os.PathLike[str] | np.ndarray
 def search(
     store: str | os.PathLike[str] | Store,
     queries: Sequence[Query],
-    k: int = 10,
+    k: int = DEFAULT_SEARCH_K,
     threshold: float | None = None,
     *,
     vector_files: Sequence[str | os.PathLike[str]] = (),

@@ -29,6 +29,7 @@ from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavaila
 from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
 from .packaged import LITE0_PACKAGE, PACKAGED, package_weights_file
 from .preprocess import Preprocess
+from .provenance import Provenance
 from .weights import (
     TORCHVISION_PREPROCESS,
     StateDict,
@@ -91,16 +92,23 @@ class Backbone:
     arch: str = field(default="")
     seed: int = 0
 
+    @property
+    def provenance(self) -> Provenance:
+        """Which model, weights and preprocessing these vectors come from."""
+        return Provenance(
+            name=self.name,
+            arch=self.arch or self.name,
+            weights_source=self.weights_source,
+            weights_sha256=self.weights_sha256,
+            random_init=self.random_init,
+            seed=self.seed,
+            preprocess=self.preprocess,
+            dim=self.dim,
+        )
+
     def fingerprint(self) -> dict[str, Any]:
         """What a store records to say which model, weights and preprocessing made it."""
-        return {
-            "name": self.name,
-            "arch": self.arch or self.name,
-            "weights_sha256": self.weights_sha256,
-            "random_init": self.random_init,
-            "preprocess": self.preprocess.to_dict(),
-            "dim": self.dim,
-        }
+        return self.provenance.fingerprint()
 
     def forward(self, batch_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) from ``preprocess.to_uint8`` -> float32 (N, dim) features."""

@@ -3,58 +3,29 @@
 Importing torch costs ~3 s and timm ~6 s, more than most commands do. The ONNX export
 (``runtime.ensure_onnx``) already holds the normalisation and the whole backbone, and takes the
 uint8 NHWC crops the decoders make; ONNX Runtime imports in ~0.2 s. So once an export has been
-checked against torch (``runtime.make_forward``), ``record_verified`` writes an entry in
-``index.json`` beside the exports, keyed by what ``load_backbone`` would read *without* running
-it: the model name, the weights file (path, size, mtime_ns; or the random-init seed), the
-installed torch and timm distribution versions, the opset and graph version. The entry holds
-everything a store records (weights sha256, dim, preprocessing, versions, the probe difference),
-the head, and the ``.onnx`` file's size and mtime. ``cached_embedder`` answers from that index
+checked against torch, ``onnx_cache`` indexes it, and ``cached_embedder`` answers from that index
 alone, importing neither torch nor timm; anything it cannot vouch for (no entry, a changed file,
 CUDA possibly present, ``--runtime torch``) returns None and the caller loads the model.
-
-Limits, on purpose: a weights file replaced by different bytes with the same size and mtime_ns
-is taken for the old one; for timm hub weights the cached file recorded at export is used while
-it is unchanged, even if a newer revision was downloaded beside it (the store path checks the
-recorded sha256 against the store, so only a new ``extract`` could pick the older revision).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._fs import atomic_path, atomic_write_bytes
 from ..errors import InvalidArgumentError, WeightsUnavailableError
-from .packaged import PACKAGED, package_weights_file
+from .onnx_cache import DEFAULT_OPSET, INPUT, OUTPUT, file_sha256, find_verified
 from .preprocess import Preprocess
+from .provenance import Provenance
 
 if TYPE_CHECKING:
     from ..store.read import Store
     from .backbone import Backbone
-
-DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs every op timm CNNs export to at 17
-# Bump when the exported graph changes for the same inputs (wrapper, names, exporter flags).
-GRAPH_VERSION = "1"
-INPUT, OUTPUT = "pixels", "features"
-INDEX_FILE = "index.json"
-_INDEX_FORMAT = 1
-
-
-def onnx_cache_dir() -> Path:
-    """``$EMBEDKIT_CACHE/onnx`` when set, else ``~/.cache/embedkit/onnx``."""
-    root = os.environ.get("EMBEDKIT_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "embedkit"
-    return base / "onnx"
 
 
 class OnnxSession:
@@ -182,16 +153,23 @@ class Embedder:
 
     forward = forward_uint8  # the engines' ``Forward`` contract
 
+    @property
+    def provenance(self) -> Provenance:
+        """The same record as ``Backbone.provenance`` of the model it was made from."""
+        return Provenance(
+            name=self.name,
+            arch=self.arch or self.name,
+            weights_source=self.weights_source,
+            weights_sha256=self.weights_sha256,
+            random_init=self.random_init,
+            seed=self.seed,
+            preprocess=self.preprocess,
+            dim=self.dim,
+        )
+
     def fingerprint(self) -> dict[str, Any]:
         """Same keys and values as ``Backbone.fingerprint``."""
-        return {
-            "name": self.name,
-            "arch": self.arch or self.name,
-            "weights_sha256": self.weights_sha256,
-            "random_init": self.random_init,
-            "preprocess": self.preprocess.to_dict(),
-            "dim": self.dim,
-        }
+        return self.provenance.fingerprint()
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, runner: Any = None) -> Embedder:
@@ -250,45 +228,34 @@ def cached_embedder(
         return None
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
-    entries = _read_index(folder)
-    if not entries:
+    found = find_verified(name, weights, random_init, seed, opset, cache_dir, weights_sha256)
+    if found is None:
         return None
-    versions = _dist_versions()
-    for entry in _candidates(entries, name, weights, random_init, seed, opset, versions):
-        if weights_sha256 is not None and entry["weights_sha256"] != weights_sha256:
-            continue
-        path = folder / entry["onnx"]
-        if not _same_stat(path, entry["onnx_size"], entry["onnx_mtime_ns"]):
-            continue
-        head = _read_head(folder / entry["head"]) if entry.get("head") else None
-        if entry.get("head") and head is None:
-            continue
-        preprocess = Preprocess.from_dict(entry["preprocess"])
-        runner = OnnxSession(
-            path,
-            int(entry["dim"]),
-            preprocess,
-            threads,
-            int(entry["opset"]),
-            sha256=entry["onnx_sha256"],
-            max_abs_diff=entry["max_abs_diff"],
-            tolerance=entry["tolerance"],
-        )
-        return Embedder(
-            name=name,
-            arch=entry["arch"],
-            dim=int(entry["dim"]),
-            preprocess=preprocess,
-            weights_source=entry["weights_source"],
-            weights_sha256=entry["weights_sha256"],
-            random_init=random_init,
-            seed=seed if random_init else int(entry.get("seed", 0)),
-            runner=runner,
-            head=head,
-            versions={k: entry.get(k) for k in ("torch_version", "timm_version")},
-        )
-    return None
+    path, entry, head = found
+    preprocess = Preprocess.from_dict(entry["preprocess"])
+    runner = OnnxSession(
+        path,
+        int(entry["dim"]),
+        preprocess,
+        threads,
+        int(entry["opset"]),
+        sha256=entry["onnx_sha256"],
+        max_abs_diff=entry["max_abs_diff"],
+        tolerance=entry["tolerance"],
+    )
+    return Embedder(
+        name=name,
+        arch=entry["arch"],
+        dim=int(entry["dim"]),
+        preprocess=preprocess,
+        weights_source=entry["weights_source"],
+        weights_sha256=entry["weights_sha256"],
+        random_init=random_init,
+        seed=seed if random_init else int(entry.get("seed", 0)),
+        runner=runner,
+        head=head,
+        versions={k: entry.get(k) for k in ("torch_version", "timm_version")},
+    )
 
 
 def embedder_for_store(
@@ -336,59 +303,6 @@ def embedder_for_store(
     return Embedder.from_backbone(backbone, make_forward(backbone, runtime, threads))
 
 
-def record_verified(
-    backbone: Backbone,
-    runner: OnnxSession,
-    onnx_path: Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> None:
-    """Add the export of ``backbone``, just checked against torch, to the torch-free index.
-
-    Called by ``runtime.make_forward``; a backbone whose weights file cannot be named without
-    loading it (an unreadable hub cache) is simply not indexed.
-    """
-    import timm
-    import torch
-
-    lookup = _lookup_for_backbone(backbone, opset)
-    if lookup is None:
-        return
-    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
-    st = onnx_path.stat()
-    head_name = None
-    if backbone.head is not None:
-        head_name = onnx_path.name.removesuffix(".onnx") + ".head.safetensors"
-        _write_head(folder / head_name, backbone.head)
-    entry = {
-        "lookup": lookup,
-        "onnx": onnx_path.name,
-        "onnx_size": st.st_size,
-        "onnx_mtime_ns": st.st_mtime_ns,
-        "onnx_sha256": runner.sha256,
-        "opset": opset,
-        "head": head_name,
-        "arch": backbone.arch or backbone.name,
-        "dim": backbone.dim,
-        "preprocess": backbone.preprocess.to_dict(),
-        "weights_source": backbone.weights_source,
-        "weights_sha256": backbone.weights_sha256,
-        "seed": backbone.seed,
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "max_abs_diff": runner.probe_max_abs_diff,
-        "tolerance": runner.probe_tolerance,
-    }
-    with _index_lock(folder):
-        entries = _read_index(folder)
-        entries[_digest(lookup)] = entry
-        atomic_write_bytes(
-            folder / INDEX_FILE,
-            json.dumps({"format": _INDEX_FORMAT, "entries": entries}, indent=1).encode(),
-        )
-
-
 def cuda_present() -> bool:
     """True when an NVIDIA device node exists: then ``auto`` may mean CUDA and torch decides.
 
@@ -401,179 +315,10 @@ def cuda_present() -> bool:
         return False
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- internals ----------------------------------------------------------------------------------
 
 
 def _cores() -> int:
-    from ..extraction.threads import usable_cores
+    from ..extraction.cores import usable_cores
 
     return usable_cores()
-
-
-def _dist_versions() -> dict[str, str | None]:
-    """Installed torch/timm versions from their metadata (no import; ~1 ms)."""
-    out: dict[str, str | None] = {}
-    for dist in ("torch", "timm"):
-        try:
-            out[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _file_key(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    file = os.path.abspath(os.fspath(path))
-    return {"file": file, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _lookup(
-    name: str, source: str, file_key: dict[str, Any] | None, seed: int, opset: int
-) -> dict[str, Any]:
-    return {
-        "graph_version": GRAPH_VERSION,
-        "opset": opset,
-        "name": name,
-        "source": source,
-        "weights_file": file_key,
-        "seed": seed,  # only random init depends on it (0 otherwise)
-        "versions": _dist_versions(),
-    }
-
-
-def _lookup_for_backbone(backbone: Backbone, opset: int) -> dict[str, Any] | None:
-    source = backbone.weights_source
-    if backbone.random_init:
-        return _lookup(backbone.name, "random-init", None, backbone.seed, opset)
-    file: str | os.PathLike[str] | None
-    if source.startswith("file:"):
-        file = source[len("file:") :]
-    elif source.startswith("package:"):
-        file = package_weights_file(backbone.name)
-    elif source.startswith("timm:hub:"):
-        from .weights import hub_cached_file
-
-        file = hub_cached_file(backbone.name)
-    else:
-        return None
-    key = _file_key(file) if file is not None else None
-    if key is None:
-        return None
-    kind = source if source.startswith("file:") else source.split(":", 1)[0]
-    return _lookup(backbone.name, kind, key, 0, opset)
-
-
-def _candidates(
-    entries: dict[str, Any],
-    name: str,
-    weights: str | os.PathLike[str] | None,
-    random_init: bool,
-    seed: int,
-    opset: int,
-    versions: dict[str, str | None],
-) -> Iterator[dict[str, Any]]:
-    """Index entries for what ``load_backbone`` would read, in its order of sources."""
-    if random_init:
-        lookups = [_lookup(name, "random-init", None, seed, opset)]
-    elif weights is not None:
-        key = _file_key(weights)
-        if key is None:
-            return
-        lookups = [_lookup(name, f"file:{key['file']}", key, 0, opset)]
-    elif name in PACKAGED and package_weights_file(name) is not None:
-        file = package_weights_file(name)
-        key = _file_key(file) if file is not None else None
-        if key is None:
-            return
-        lookups = [_lookup(name, "package", key, 0, opset)]
-    else:
-        # Hub weights: which cached file timm would pick needs timm; take entries whose
-        # recorded file is still there, unchanged.
-        for entry in entries.values():
-            lk = entry.get("lookup", {})
-            wf = lk.get("weights_file") or {}
-            if (
-                lk.get("source") == "timm"
-                and lk.get("name") == name
-                and lk.get("opset") == opset
-                and lk.get("graph_version") == GRAPH_VERSION
-                and lk.get("versions") == versions
-                and wf
-                and _same_stat(Path(wf["file"]), wf["size"], wf["mtime_ns"])
-            ):
-                yield entry
-        return
-    for lk in lookups:
-        entry = entries.get(_digest(lk))
-        if entry is not None:
-            yield entry
-
-
-def _digest(lookup: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(lookup, sort_keys=True).encode()).hexdigest()
-
-
-def _same_stat(path: Path, size: int, mtime_ns: int) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_size == size and st.st_mtime_ns == mtime_ns
-
-
-def _read_index(folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # none yet, or damaged: the next verified export rewrites it
-    if not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT:
-        return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
-
-
-def _read_head(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    from safetensors.numpy import load_file
-
-    try:
-        t = load_file(str(path))
-        return t["weight"].astype(np.float32), t["bias"].astype(np.float32)
-    except Exception:  # noqa: BLE001 - a damaged cache file: not usable, load the model
-        return None
-
-
-def _write_head(path: Path, head: Any) -> None:
-    from safetensors.numpy import save_file
-
-    weight, bias = head
-    arrays = {
-        "weight": np.ascontiguousarray(weight.detach().cpu().float().numpy()),
-        "bias": np.ascontiguousarray(bias.detach().cpu().float().numpy()),
-    }
-    with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp))
-
-
-@contextlib.contextmanager
-def _index_lock(folder: Path) -> Iterator[None]:
-    """Serialise read-modify-write of index.json between processes (POSIX advisory lock)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".index.lock", "a+b") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # Windows: last writer wins, a lost entry only costs a re-check
-            pass
-        yield

@@ -30,7 +30,7 @@ def embedder_by_name(
         WeightsUnavailableError: no weight source for ``name`` (never random weights unasked).
         WeightsMismatchError: ``weights`` does not fit the model.
     """
-    from ..extraction.threads import usable_cores
+    from ..extraction.cores import usable_cores
 
     found = cached_embedder(
         name,

@@ -11,7 +11,7 @@ into ``$EMBEDKIT_CACHE/onnx`` (default ``~/.cache/embedkit/onnx``), written atom
 ``make_forward`` then checks the ONNX graph against torch on a probe batch and refuses it when
 they disagree by more than ``ONNX_RTOL`` of the feature scale; ``auto`` then falls back to
 torch with a warning, ``onnx`` raises. A checked export is recorded in the cache's index
-(``embedder.record_verified``), from which later processes run it without importing torch or
+(``onnx_cache.record_verified``), from which later processes run it without importing torch or
 timm (``embedder.cached_embedder``).
 """
 
@@ -23,7 +23,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,10 +31,11 @@ from torch import nn
 
 from .._fs import atomic_path, atomic_write_bytes
 from ..errors import EmbedkitError, InvalidArgumentError
-from ..extraction.threads import usable_cores
+from ..extraction.cores import usable_cores
 from .backbone import Backbone, precision_of
-from .embedder import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, OnnxSession, record_verified
-from .embedder import onnx_cache_dir as onnx_cache_dir
+from .embedder import OnnxSession
+from .onnx_cache import DEFAULT_OPSET, GRAPH_VERSION, INPUT, OUTPUT, record_verified
+from .onnx_cache import onnx_cache_dir as onnx_cache_dir
 from .preprocess import Preprocess
 
 Runtime = Literal["auto", "torch", "onnx"]
@@ -43,37 +44,11 @@ RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
 # batch. float32 kernels that sum in another order differ by ~1e-6 of the scale (lite0 real
 # weights: 1.5e-5 absolute on features up to 5.3); 1e-3 still catches a wrong op or padding.
 ONNX_RTOL = 1e-3
-_GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see embedder.py
+_GRAPH_VERSION, _INPUT, _OUTPUT = GRAPH_VERSION, INPUT, OUTPUT  # see onnx_cache.py
 
 
 class RuntimeMismatchError(EmbedkitError):
     """The ONNX export disagrees with torch, or cannot be built; the message says what to use."""
-
-
-class Runner(Protocol):
-    """What engines call instead of ``Backbone.forward``."""
-
-    runtime: str  # "torch" | "onnx"
-    dim: int
-    preprocess: Preprocess
-    threads: int
-
-    def forward(self, batch_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, dim)."""
-        ...
-
-    # True when the runtime's thread team can share cores with busy decode workers without
-    # collapsing (threads sleep instead of spin-waiting at their barriers).
-    can_share_cores: bool
-
-    def set_threads(self, threads: int, share_cores: bool = False) -> None:
-        """Run later batches with ``threads`` intra-op threads; ``share_cores``: some of those
-        cores also run decode workers (only asked of runners with ``can_share_cores``)."""
-        ...
-
-    def metadata(self) -> dict[str, Any]:
-        """What the store records about how the vectors were computed."""
-        ...
 
 
 class TorchRunner:
@@ -136,7 +111,7 @@ def make_forward(
         runtime: ``torch``, ``onnx``, or ``auto`` (ONNX Runtime on CPU when it is installed and
             its export matches torch; torch on CUDA or otherwise).
         threads: model threads (torch ``set_num_threads`` / ORT intra-op); default
-            ``usable_cores()``. Pass ``threads.plan_threads(workers, ...).intra_op`` when decode
+            ``usable_cores()``. Pass ``cores.plan_threads(workers, ...).intra_op`` when decode
             workers share the machine.
         opset: ONNX opset for the export.
         cache_dir: where exports live; default ``onnx_cache_dir()``.
@@ -202,12 +177,13 @@ def onnx_cache_key(backbone: Backbone, opset: int = DEFAULT_OPSET) -> dict[str, 
     """Everything the exported graph depends on; its sha256 names the cache file."""
     import timm
 
-    return {
+    p = backbone.provenance
+    return {  # key order is part of the hash: keep it
         "graph_version": _GRAPH_VERSION,
-        "arch": backbone.arch or backbone.name,
-        "weights_sha256": backbone.weights_sha256,
-        "preprocess": backbone.preprocess.to_dict(),
-        "dim": backbone.dim,
+        "arch": p.arch,
+        "weights_sha256": p.weights_sha256,
+        "preprocess": p.preprocess.to_dict(),
+        "dim": p.dim,
         "opset": opset,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,

@@ -1,10 +1,9 @@
 """Weight sources and key mapping: turn a file, a package or a hub cache into a timm state dict.
 
-Every source returns ``Weights``: a state dict in the key layout of one timm architecture, the
-architecture it fits, a one-word provenance string and, when the weights were trained with other
-preprocessing than the timm config of that architecture, the fields to override. Building the
-model and choosing between sources is ``backbones.py``'s job; reading and mapping tensors is this
-module's.
+Sources give a state dict in the key layout of one timm architecture (``backbone._Loaded``
+records it with the architecture it fits, a one-word provenance string and any preprocessing
+overrides). Building the model and choosing between sources is ``backbone.py``'s job; reading,
+hashing and mapping tensors is this module's.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +37,6 @@ TORCHVISION_PREPROCESS: dict[str, Any] = {
 }
 
 # LITE0_PACKAGE, LITE0_ARCH and lite0_package_path live in packaged.py (torch-free).
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A state dict ready for ``arch.load_state_dict`` (timm keys), and where it came from."""
-
-    state_dict: StateDict
-    arch: str
-    source: str
-    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def state_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -24,7 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .._fs import atomic_path, atomic_write_bytes
+from .._fs import (
+    acquire_flock,
+    atomic_path,
+    atomic_write_bytes,
+    close_in_children,
+    keep_in_children,
+)
 from ..errors import InvalidArgumentError, StoreError, StoreLockedError, StoreMismatchError
 from .cache import drop_vectors
 from .read import (
@@ -48,11 +54,6 @@ from .read import (
 # Compact the live view into one part when a commit leaves more parts than this: reads stay
 # a handful of file opens, and superseded rows stop taking disk space.
 MAX_PARTS = 64
-
-# File descriptors of held store locks. flock belongs to the open file, which forked children
-# share: a child must close these (decode workers do, at start) or it would keep the store
-# locked after its parent is killed.
-HELD_LOCK_FDS: set[int] = set()
 
 
 def _disk_error(exc: OSError, what: Path) -> StoreError:
@@ -175,24 +176,21 @@ class StoreWriter:
         self._release_lock()
 
     def _acquire_lock(self) -> None:
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreLockedError(
+        def busy(holder: str, _timeout: float) -> StoreLockedError:
+            return StoreLockedError(
                 f"store {self.path} is being written by {holder}; wait for it to finish "
                 "(a killed writer releases the lock automatically)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            )
+
+        fd = acquire_flock(self.path / LOCK_FILE, 0.0, busy)  # one try: writers do not queue
         self._lock_fd = fd
-        HELD_LOCK_FDS.add(fd)
+        # flock belongs to the open file, which forked children share: decode workers close
+        # it at start, or they would keep the store locked after this process is killed.
+        close_in_children(fd)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            HELD_LOCK_FDS.discard(self._lock_fd)
+            keep_in_children(self._lock_fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -1,4 +1,9 @@
-"""How many cores this process may really use, and how to split them between decode workers
+"""How this machine's cores are used by ``extract``: the thread policy (decode workers vs model
+threads) and the batch policy (images per forward pass).
+
+## Threads
+
+How many cores this process may really use, and how to split them between decode workers
 and the model's intra-op threads without oversubscribing.
 
 Why it matters: measured on 2 vCPUs, two OpenMP threads while another process keeps a core busy
@@ -10,15 +15,25 @@ kinds of sharing, both without spin-waiting teams: one model thread beside a wor
 (model-bound runs). ``os.cpu_count()`` is the wrong number in a container: it ignores both the
 CPU affinity mask (``taskset``, ``docker --cpuset-cpus``) and the cgroup CPU quota
 (``docker --cpus``, Kubernetes limits). ``usable_cores`` respects both.
+
+## Batches
+
+How many images go through the model per forward pass.
+
+Defaults per (device, runtime) on CPU, from measurements; on CUDA the batch is chosen by a
+short probe (``probe_batch_size``): double the batch while it fits in the free GPU memory
+(with headroom) and still makes the model faster per image.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import DEFAULT_BATCH, ORT_MAX_BATCH, ORT_PER_THREAD
 from ..errors import InvalidArgumentError
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -208,3 +223,83 @@ def _v1_quota(d: Path) -> float | None:
     if quota <= 0 or period <= 0:
         return None
     return quota / period
+
+
+# -- batch policy ----------------------------------------------------------------------------------
+# Probe limits: the batch never grows past PROBE_MAX, keeps MEMORY_HEADROOM of the free memory
+# for the allocator's fragmentation and other processes, and stops doubling once a doubling
+# gains less than MIN_GAIN in images per second.
+PROBE_START, PROBE_MAX = 32, 1024
+MEMORY_HEADROOM = 0.3
+MIN_GAIN = 0.05
+
+
+def default_batch_size(device: str, runtime: str, threads: int = 1) -> int:
+    """Images per forward pass for a device, runtime and model thread count."""
+    if (device, runtime) == ("cpu", "onnx"):
+        return min(ORT_MAX_BATCH, ORT_PER_THREAD * max(1, threads))
+    return DEFAULT_BATCH.get((device, runtime), 16)
+
+
+def probe_batch_size(
+    run: Callable[[int], tuple[float, int]],
+    free_bytes: int,
+    *,
+    start: int = PROBE_START,
+    limit: int = PROBE_MAX,
+) -> int:
+    """The batch to use, from trial forward passes.
+
+    Args:
+        run: runs one forward pass of a given batch size and returns ``(seconds, peak bytes
+            of device memory it used)``; raises ``MemoryError`` when the batch does not fit.
+        free_bytes: device memory free before the probe.
+        start: first batch tried (returned even when nothing larger fits; when even it does
+            not fit, halved down to 1).
+        limit: largest batch tried.
+    """
+    batch, best, best_rate = start, 0, 0.0
+    while batch <= limit:
+        try:
+            seconds, peak = run(batch)
+        except MemoryError:
+            if best == 0 and batch > 1:  # not even the start fits: try smaller
+                batch, limit = batch // 2, batch // 2
+                continue
+            break
+        rate = batch / max(seconds, 1e-9)
+        fits = peak <= (1 - MEMORY_HEADROOM) * free_bytes
+        if best and (not fits or rate < best_rate * (1 + MIN_GAIN)):
+            break
+        best, best_rate = batch, rate
+        if not fits:
+            break
+        batch *= 2
+    return max(best, 1)
+
+
+def probe_cuda_batch_size(forward: Callable[..., object], size: tuple[int, int]) -> int:
+    """``probe_batch_size`` with real CUDA forward passes of a uint8 (N, H, W, 3) batch."""
+    import time
+
+    import torch
+
+    def run(batch: int) -> tuple[float, int]:
+        x = torch.zeros(batch, size[0], size[1], 3, dtype=torch.uint8).pin_memory()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            forward(x)  # warm-up: cuDNN picks its algorithms for this shape
+            t0 = time.perf_counter()
+            forward(x)
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise MemoryError from None
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+
+    free, _ = torch.cuda.mem_get_info()
+    batch = probe_batch_size(run, free)
+    torch.cuda.empty_cache()
+    return batch
