@@ -20,7 +20,7 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .. import __version__
+from .._version import __version__
 from ..classification.head import classify
 from ..classification.probe import Probe, load_probe
 from ..errors import InvalidArgumentError
