@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_compare import labelled_folder
 from typer.testing import CliRunner
 
-from embedkit.classification.finetune import finetune, trainable_units
+from embedkit.classification.finetune import finetune, phase1_head, trainable_units
 from embedkit.cli import app
 from embedkit.extraction.run import extract
 from embedkit.models.backbone import load_backbone
@@ -92,6 +92,27 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(
         finetune(photos, tmp_path / "cut", resume=True, **{**SETTINGS, "epochs": 4})
     with pytest.raises(ProbeError, match="nothing to resume"):
         finetune(photos, tmp_path / "none", resume=True, **SETTINGS)
+
+
+def test_phase1_head_gives_dead_features_no_weight() -> None:
+    # Pooled ReLU channels that stay ~0 on these photos (std ~1e-6, as ~1/3 of
+    # efficientnet_lite0's on the textile benchmark): standardised, their float noise got
+    # weights W / scale of ~1e4, and phase 2's first steps, waking them up, blew up the logits.
+    rng = np.random.default_rng(0)
+    n, classes = 90, np.repeat(["a", "b", "c"], 30)
+    live = rng.normal(size=(n, 4)) + 2.0 * (classes[:, None] == np.array(["a", "b", "c", "a"]))
+    dead = 1e-6 * rng.random((n, 4))
+    x = np.hstack([live, dead]).astype(np.float32)
+    groups = np.arange(n).astype(str)
+    probe, w, b = phase1_head(x, classes, groups=groups, seed=0, val_fraction=0.15,
+                              test_fraction=0.15)  # fmt: skip
+    assert np.all(w[:, 4:] == 0) and np.abs(w).max() < 100
+    # the folded layer is the probe: same predictions on the (unchanged) live features
+    assert (probe.predict(x) == np.asarray(probe.classes)[np.argmax(x @ w.T + b, 1)]).all()
+    # and a woken-up dead channel (as after a phase 2 step) changes nothing
+    woken = x.copy()
+    woken[:, 4:] += 0.5
+    assert np.allclose(woken @ w.T + b, x @ w.T + b)
 
 
 def test_early_stopping_keeps_the_best_epoch(photos: Path, tmp_path: Path) -> None:

@@ -2,14 +2,14 @@
 can load.
 
 Phase 1 trains a linear head on frozen features: ``train.train_probe`` (L-BFGS, weight decay
-chosen on validation) on the backbone's pooled features, folded into one dense layer
-(``W / scale``, ``b - W @ (mean / scale)``). Phase 2 unfreezes the last ``unfreeze`` units of the
-backbone (see ``trainable_units``) and trains them with the head: AdamW, linear warm-up then
-cosine decay, early stopping on the validation loss of the group-aware split (the split of
-``labels.split_rows``, near-duplicate groups from the pretrained features), random horizontal
-flips. BatchNorm statistics stay frozen (eval mode): with the few hundred images this is meant
-for, re-estimating them hurts more than it helps, and the fine-tuned features then come from the
-exact forward ``extract`` runs.
+chosen on validation) on the backbone's pooled features (dead features left out, see
+``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean / scale)``). Phase
+2 unfreezes the last ``unfreeze`` units of the backbone (see ``trainable_units``) and trains
+them with the head: AdamW, linear warm-up then cosine decay, early stopping on the validation
+loss of the group-aware split (the split of ``labels.split_rows``, near-duplicate groups from
+the pretrained features), random horizontal flips. BatchNorm statistics stay frozen (eval mode):
+with the few hundred images this is meant for, re-estimating them hurts more than it helps, and
+the fine-tuned features then come from the exact forward ``extract`` runs.
 
 Files in ``out`` (safetensors + JSON, no pickle): ``model.safetensors`` (timm keys of the
 architecture, the new head as its classifier, so ``extract --model ARCH --weights
@@ -43,10 +43,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..models.backbone import Backbone
+    from .probe import Probe
 
 # (phase, row): phase is "head" (frozen features, L-BFGS) or "finetune"; row has HISTORY_COLUMNS.
 FinetuneCallback = Callable[[str, dict[str, float]], None]
 FORMAT = "embedkit.finetune/1"
+# A feature whose std on the training rows is below this x the median std is dead (phase1_head).
+DEAD_FEATURE_RATIO = 1e-3
 
 
 @dataclass
@@ -166,7 +169,6 @@ def finetune(
 
     frozen = _features(backbone, pixels, batch_size)
     from .labels import near_duplicate_groups, split_rows
-    from .train import train_probe
 
     groups = near_duplicate_groups(frozen, hashes, group_threshold)
     split = split_rows(y_names, groups, val_fraction=val_fraction, test_fraction=test_fraction,
@@ -177,13 +179,11 @@ def finetune(
 
     # Phase 1: the head on frozen features (skipped on resume: the checkpoint holds it).
     if ckpt is None:
-        probe = train_probe(
+        probe, w, b = phase1_head(
             frozen, y_names, groups=groups, seed=seed, val_fraction=val_fraction,
-            test_fraction=test_fraction, device="cpu", knn_k=None,
+            test_fraction=test_fraction,
             on_epoch=None if on_epoch is None else (lambda wd, row: on_epoch("head", row)),
         )  # fmt: skip
-        w = probe.weight / probe.scale[None, :]
-        b = probe.bias - w @ probe.mean
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(w))
             head.bias.copy_(torch.from_numpy(b.astype(np.float32)))
@@ -274,6 +274,43 @@ def finetune(
 
 
 # --- pieces -------------------------------------------------------------------------------------
+
+
+def phase1_head(
+    frozen: np.ndarray,
+    y_names: np.ndarray,
+    *,
+    groups: np.ndarray,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    on_epoch: Callable[[float, dict[str, float]], None] | None = None,
+) -> tuple[Probe, np.ndarray, np.ndarray]:
+    """The probe on frozen features, folded into one dense layer: (probe, weight (C, D), bias).
+
+    Dead features (std below ``DEAD_FEATURE_RATIO`` x the median std on the training rows:
+    channels the pretrained ReLUs keep at ~0 for these photos; ~1/3 of efficientnet_lite0's on
+    the textile benchmark, std ~1e-6) are set to their mean first, so they get no weight. The
+    probe standardises features, and would otherwise fit their float noise and fold into
+    weights of ``W / scale`` ~ 1e4-5e4: the first phase 2 steps wake those channels up and the
+    logits explode (validation loss 9.4 after one warm-up epoch, benchmarks/finetune.py).
+    """
+    from .labels import split_rows
+    from .train import train_probe
+
+    train = split_rows(y_names, groups, val_fraction=val_fraction,
+                       test_fraction=test_fraction, seed=seed).train  # fmt: skip
+    std = frozen[train].std(axis=0, dtype=np.float64)
+    dead = std < DEAD_FEATURE_RATIO * np.median(std)
+    features = frozen.copy()
+    features[:, dead] = frozen[train][:, dead].mean(axis=0)  # constant: scale 1, weight 0
+    probe = train_probe(
+        features, y_names, groups=groups, seed=seed, val_fraction=val_fraction,
+        test_fraction=test_fraction, device="cpu", knn_k=None, on_epoch=on_epoch,
+    )  # fmt: skip
+    w = probe.weight / probe.scale[None, :]
+    b = probe.bias - w @ probe.mean
+    return probe, w, b
 
 
 def trainable_units(net: nn.Module) -> list[nn.Module]:
