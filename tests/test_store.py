@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -584,3 +585,41 @@ def test_a_mapped_store_outlives_the_commit_that_drops_its_cache(tmp_path):
     assert not (p / CACHE_FILE).exists() and not list(p.glob(".*.tmp"))
     np.testing.assert_array_equal(old.vectors, want)
     assert len(open_store(p)) == len(want) + 1
+
+
+def test_open_store_reads_the_new_commit_when_compaction_removes_parts_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that got the manifest just before a writer compacted (which deletes the old
+    parts) used to fail with 'the store is damaged'; it now reads the new commit."""
+    import embedkit.store.read as read_mod
+    from embedkit.store.read import open_store as open_
+    from embedkit.store.writer import StoreWriter as Writer
+
+    md = {"model": "m", "dim": 4, "weights_sha256": "x", "random_init": True,
+          "preprocess": {}, "normalize": False}  # fmt: skip
+    with Writer(tmp_path / "s", md) as w:
+        for i in range(3):
+            w.add(ids=[i], roots=["/r"], paths=[f"{i}.jpg"], status=["ok"],
+                  embedding=np.full((1, 4), i, np.float32))  # fmt: skip
+            w.commit()
+    real = read_mod._read_parts
+    raced = []
+
+    def racing(path, manifest, vectors=True):
+        if not raced:  # the writer compacts between our manifest read and our part reads
+            raced.append(True)
+            with Writer(tmp_path / "s", md) as w2:
+                w2.compact()
+        return real(path, manifest, vectors)
+
+    monkeypatch.setattr(read_mod, "_read_parts", racing)
+    s = open_(tmp_path / "s")
+    assert raced and sorted(s.paths) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert len(list((tmp_path / "s" / "parts").glob("*.parquet"))) == 1
+    # Real damage at an unchanged commit still says so.
+    monkeypatch.setattr(read_mod, "_read_parts", real)
+    for f in (tmp_path / "s" / "parts").glob("*.parquet"):
+        f.write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="damaged"):
+        open_(tmp_path / "s")

@@ -412,7 +412,25 @@ def open_store(path: str | os.PathLike[str], *, vectors: bool = True) -> Store:
         StoreError: the directory is not a store, or a part file is damaged.
     """
     p = Path(path).expanduser()
-    manifest = _committed_manifest(p)
+    # A writer may publish a new manifest and delete the parts it replaced (compaction) while
+    # we read the previous one: a part that vanished under a superseded manifest is a race,
+    # not damage, so read the new commit instead (a few times; a store compacted more often
+    # than that under a reader is not realistic).
+    for _ in range(_READ_ATTEMPTS - 1):
+        manifest = _committed_manifest(p)
+        try:
+            return _open(p, manifest, vectors)
+        except StoreError:
+            now = read_manifest(p)
+            if now is None or int(now["version"]) == int(manifest["version"]):
+                raise  # the same commit: really damaged
+    return _open(p, _committed_manifest(p), vectors)
+
+
+_READ_ATTEMPTS = 5
+
+
+def _open(p: Path, manifest: dict[str, Any], vectors: bool) -> Store:
     # The other columns always come from Parquet; the vectors are the expensive part.
     table = live_rows(_read_parts(p, manifest, vectors=False))
     ok = table.filter(pc.equal(table["status"], STATUS_OK))
