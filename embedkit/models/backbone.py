@@ -95,16 +95,7 @@ class Backbone:
     @property
     def provenance(self) -> Provenance:
         """Which model, weights and preprocessing these vectors come from."""
-        return Provenance(
-            name=self.name,
-            arch=self.arch or self.name,
-            weights_source=self.weights_source,
-            weights_sha256=self.weights_sha256,
-            random_init=self.random_init,
-            seed=self.seed,
-            preprocess=self.preprocess,
-            dim=self.dim,
-        )
+        return Provenance.of(self)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a store records to say which model, weights and preprocessing made it."""

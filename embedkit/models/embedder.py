@@ -156,16 +156,7 @@ class Embedder:
     @property
     def provenance(self) -> Provenance:
         """The same record as ``Backbone.provenance`` of the model it was made from."""
-        return Provenance(
-            name=self.name,
-            arch=self.arch or self.name,
-            weights_source=self.weights_source,
-            weights_sha256=self.weights_sha256,
-            random_init=self.random_init,
-            seed=self.seed,
-            preprocess=self.preprocess,
-            dim=self.dim,
-        )
+        return Provenance.of(self)
 
     def fingerprint(self) -> dict[str, Any]:
         """Same keys and values as ``Backbone.fingerprint``."""

@@ -37,6 +37,21 @@ class Provenance:
     preprocess: Preprocess
     dim: int
 
+    @classmethod
+    def of(cls, model: Any) -> Provenance:
+        """The record of a ``Backbone`` or an ``Embedder`` (both carry these fields; an empty
+        ``arch`` means the name is the architecture)."""
+        return cls(
+            name=model.name,
+            arch=model.arch or model.name,
+            weights_source=model.weights_source,
+            weights_sha256=model.weights_sha256,
+            random_init=model.random_init,
+            seed=model.seed,
+            preprocess=model.preprocess,
+            dim=model.dim,
+        )
+
     def fingerprint(self) -> dict[str, Any]:
         """What says which model, weights and preprocessing made the vectors (compared by
         probes and indexes; the keys are part of saved files: do not rename)."""
