@@ -165,20 +165,16 @@ def extract(
     stored_md = None
     if emb is None:
         stored_md = _metadata_if_nothing_to_do(store, request, found, walked_roots, skipped_dirs)
+    run = partial(
+        _extract, found, scan_failures, walked_roots, skipped_dirs, store, request,
+        batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
+        commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
+        engine=engine, address=address, verbose=verbose,
+    )  # fmt: skip
     try:
-        summary = _extract(
-            found, scan_failures, walked_roots, skipped_dirs, store, request, emb, stored_md,
-            batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
-            engine=engine, address=address, verbose=verbose,
-        )  # fmt: skip
+        summary = run(emb, stored_md)
     except _NeedModel:  # files changed between the look without the model and the locked plan
-        summary = _extract(
-            found, scan_failures, walked_roots, skipped_dirs, store, request, None, None,
-            batch_size=batch_size, workers=workers, threads=threads, normalize=normalize,
-            commit_every=commit_every, max_pixels=max_pixels, on_progress=on_progress,
-            engine=engine, address=address, verbose=verbose,
-        )  # fmt: skip
+        summary = run(None, None)
     summary.wall_s = time.time() - wall_from if started is not None else time.perf_counter() - t0
     summary.found, summary.skipped = len(found), skipped
     return summary
