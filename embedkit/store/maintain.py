@@ -66,7 +66,7 @@ def prune_store(
     path = Path(store).expanduser()
     report = MaintenanceReport(dry_run=dry_run)
     with _writer(path) as w:
-        live = w.committed_rows()
+        live = w.committed_rows(vectors=False)  # tombstones need no vectors
         roots = live["root"].to_pylist()
         rels = live["path"].to_pylist()
         ids = live["id"].to_pylist()

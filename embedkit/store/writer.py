@@ -208,11 +208,14 @@ class StoreWriter:
     def version(self) -> int:
         return int(self._manifest["version"]) if self._manifest else 0
 
-    def committed_rows(self) -> pa.Table:
-        """The committed live view (ok and failed rows, no tombstones), for planning reruns."""
+    def committed_rows(self, *, vectors: bool = True) -> pa.Table:
+        """The committed live view (ok and failed rows, no tombstones), for planning reruns.
+
+        ``vectors=False`` leaves the embedding column unread (the rest of the row only).
+        """
         if self._manifest is None:
             return self._schema.empty_table()
-        return live_rows(_read_parts(self.path, self._manifest))
+        return live_rows(_read_parts(self.path, self._manifest, vectors))
 
     @property
     def pending(self) -> int:
