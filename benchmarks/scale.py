@@ -54,19 +54,14 @@ def peak_rss_bytes() -> int:
 
 
 def write_store(path: Path, n: int, dim: int, seed: int) -> float:
+    from _synthetic import synthetic_metadata
+
     from embedkit.store.read import STATUS_OK
     from embedkit.store.writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
     c = centers(dim, seed)
-    meta = {
-        "model": "synthetic",
-        "weights_sha256": "0",
-        "random_init": True,
-        "preprocess": {},
-        "dim": dim,
-        "normalize": False,
-    }
+    meta = synthetic_metadata(dim)
     t = time.perf_counter()
     with StoreWriter(path, meta) as w:
         for s in range(0, n, CHUNK):

@@ -39,20 +39,15 @@ CLIENTS = 16
 
 
 def write_store(path: Path, n: int, dim: int, photos: Path, seed: int = 0) -> float:
+    from _synthetic import synthetic_metadata
+
     from embedkit.store.read import STATUS_OK
     from embedkit.store.writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(n // 100, 1), dim)).astype(np.float32)
-    meta = {
-        "model": "synthetic",
-        "weights_sha256": "0",
-        "random_init": True,
-        "preprocess": {},
-        "dim": dim,
-        "normalize": False,
-    }
+    meta = synthetic_metadata(dim)
     t = time.perf_counter()
     with StoreWriter(path, meta) as w:
         for s in range(0, n, 50_000):

@@ -52,18 +52,13 @@ def _names(n: int) -> list[str]:
 
 
 def write_store(path: Path, n: int, dim: int, parts: int, seed: int) -> float:
+    from _synthetic import synthetic_metadata
+
     from embedkit.store.read import STATUS_OK, row_id
     from embedkit.store.writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
-    meta = {
-        "model": "synthetic",
-        "weights_sha256": "0",
-        "random_init": True,
-        "preprocess": {},
-        "dim": dim,
-        "normalize": False,
-    }
+    meta = synthetic_metadata(dim)
     names = _names(n)
     rng = np.random.default_rng(seed)
     chunk = -(-n // parts)

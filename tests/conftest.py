@@ -17,6 +17,18 @@ TINY = "test_efficientnet"
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 
 
+def synthetic_metadata(dim: int) -> dict:
+    """Store metadata for vectors written straight through ``StoreWriter`` (no model)."""
+    return {
+        "model": "synthetic",
+        "weights_sha256": "0",
+        "random_init": True,
+        "preprocess": {},
+        "dim": dim,
+        "normalize": False,
+    }
+
+
 def make_photo(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> Path:
     """A smooth random colour image (JPEG or PNG by suffix), different for each seed."""
     rng = np.random.default_rng(seed)

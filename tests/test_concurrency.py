@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, make_photo
+from conftest import TINY, make_photo, synthetic_metadata
 
 from embedkit._fs import atomic_path, atomic_write_bytes
 from embedkit.errors import IndexLockedError
@@ -34,14 +34,7 @@ DIM = 32
 
 
 def _metadata(dim: int = DIM) -> dict:
-    return {
-        "model": "synthetic",
-        "weights_sha256": "0",
-        "random_init": True,
-        "preprocess": {},
-        "dim": dim,
-        "normalize": False,
-    }
+    return synthetic_metadata(dim)
 
 
 def _clustered(rng: np.random.Generator, n: int) -> np.ndarray:

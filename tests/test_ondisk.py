@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_metadata
 
 from embedkit.errors import IndexStateError, InvalidArgumentError
 from embedkit.index.choice import choose_index_key
@@ -25,15 +26,7 @@ def clustered(rng: np.random.Generator, n: int, dim: int = DIM, k: int = 200) ->
     return (centers[rng.integers(0, k, n)] + 0.35 * rng.normal(size=(n, dim))).astype(np.float32)
 
 
-def _metadata(dim: int) -> dict:
-    return {
-        "model": "synthetic",
-        "weights_sha256": "0",
-        "random_init": True,
-        "preprocess": {},
-        "dim": dim,
-        "normalize": False,
-    }
+_metadata = synthetic_metadata
 
 
 def _write(writer: StoreWriter, ids: np.ndarray, x: np.ndarray) -> None:
@@ -338,15 +331,7 @@ def test_tiny_store_on_disk_trains_smaller_codebooks(tmp_path: Path) -> None:
 
     n, d = 200, 1280
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
-    md = {
-        "model": "synthetic",
-        "dim": d,
-        "weights_sha256": "x",
-        "random_init": True,
-        "preprocess": {},
-        "normalize": False,
-    }
-    with StoreWriter(tmp_path / "s", md) as w:
+    with StoreWriter(tmp_path / "s", synthetic_metadata(d)) as w:
         w.add(
             ids=[row_id("/r", f"{i}.jpg") for i in range(n)],
             roots=["/r"] * n,
