@@ -265,7 +265,8 @@ def _extract(
     if stored_md is not None:
         metadata = stored_md
         with StoreWriter(store, metadata) as writer:
-            committed = writer.committed_rows()
+            # Nothing to embed was expected: planning needs no vectors (the fast path).
+            committed = writer.committed_rows(vectors=False)
             plan = plan_run(found, walked_roots, skipped_dirs, committed)
             if plan.todo:
                 raise _NeedModel
