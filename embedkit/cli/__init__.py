@@ -15,6 +15,8 @@ from . import (  # noqa: F401  (registration)
     search,
     serve,
 )
-from ._app import app
+from ._app import app, one_line_summaries
+
+one_line_summaries(app)
 
 __all__ = ["app"]
