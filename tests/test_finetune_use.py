@@ -23,7 +23,6 @@ from embedkit.extraction.embed import embed
 from embedkit.extraction.run import extract
 from embedkit.models.backbone import load_backbone
 from embedkit.models.embedder import cached_embedder
-from embedkit.models.finetuned import resolve_model
 from embedkit.pipeline.trace import trace
 from embedkit.store.read import open_store
 
@@ -108,9 +107,7 @@ def test_a_head_only_finetune_is_another_model_than_its_base(
         extract([str(world["photos"])], world["base"], model=str(head_only.out))
 
 
-def test_classify_uses_the_new_head_and_its_classes(
-    world: dict[str, Path], ft_store: Path
-) -> None:
+def test_classify_uses_the_new_head_and_its_classes(world: dict[str, Path], ft_store: Path) -> None:
     ft, photos = world["ft"], world["photos"]
     files = [photos / "red" / "1.png", photos / "blue" / "1.png"]
     by_model = classify(images=files, model=str(ft), top_k=5)
@@ -206,6 +203,8 @@ def test_compare_the_finetuned_backbone_with_its_base(world: dict[str, Path]) ->
 def test_resolution_errors_say_what_to_do(tmp_path: Path) -> None:
     import torch
 
+    from embedkit.models.finetuned import resolve_model
+
     folder = tmp_path / "photos"
     folder.mkdir()
     with pytest.raises(InvalidArgumentError, match="not a fine-tune output"):
@@ -230,3 +229,11 @@ def test_resolution_errors_say_what_to_do(tmp_path: Path) -> None:
         resolve_model("resnet50", ft / "model.safetensors")
     r = runner.invoke(app, ["classify", str(tmp_path), "--model", str(folder)])
     assert r.exit_code == 1 and "not a fine-tune output" in r.output
+
+
+def test_help_names_the_folder_form() -> None:
+    for verb in (["extract"], ["classify"], ["trace"], ["compare"]):
+        r = runner.invoke(app, [*verb, "--help"], terminal_width=300)
+        assert r.exit_code == 0, r.output
+        flat = " ".join(r.output.replace("│", " ").split())
+        assert "fine-tune folder" in flat, verb

@@ -499,8 +499,8 @@ def _save_model(
     from ..models.backbone import _classifier_name
 
     net_sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    # The classifier slot of the timm architecture holds the new head (C classes): extract
-    # loads the backbone and reports no ImageNet head; the head stays usable from here.
+    # The classifier slot of the timm architecture holds the new head (C classes); with
+    # finetune.json beside it, load_backbone builds the C-class model (models.finetuned).
     clf = _classifier_name(backbone.model)  # the Identity left by reset_classifier(0)
     net_sd[f"{clf}.weight"] = head.weight.detach().cpu().contiguous()
     net_sd[f"{clf}.bias"] = head.bias.detach().cpu().contiguous()

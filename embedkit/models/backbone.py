@@ -28,8 +28,8 @@ from torch import nn
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
-from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
 from .finetuned import Finetuned, resolve_model
+from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
 from .packaged import LITE0_PACKAGE, PACKAGED, package_weights_file
 from .preprocess import Preprocess
 from .provenance import Provenance
