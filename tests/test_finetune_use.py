@@ -237,3 +237,32 @@ def test_help_names_the_folder_form() -> None:
         assert r.exit_code == 0, r.output
         flat = " ".join(r.output.replace("│", " ").split())
         assert "fine-tune folder" in flat, verb
+
+
+@pytest.mark.slow
+def test_real_lite0_finetune_classifies_and_traces_with_its_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default model's packaged weights (tf_efficientnet_lite0 architecture): the folder
+    # resolves to that arch, its 224 px preprocessing and its 2-class head.
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    photos = labelled_folder(tmp_path / "photos", 6)
+    r = finetune(photos, tmp_path / "ft", model="efficientnet_lite0", epochs=1, unfreeze=1,
+                 batch_size=8, device="cpu")  # fmt: skip
+    assert r.arch == "tf_efficientnet_lite0"
+    photo = photos / "red" / "5.png"
+    res = runner.invoke(app, ["trace", str(photo), "--model", str(r.out), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    shapes = {s["name"]: s["shape"] for s in d["stages"]}
+    assert shapes["features"] == [1, 1280] and shapes["logits"] == [1, 2]
+    assert d["top"][0]["label"] == "red"
+    extract([str(photos)], tmp_path / "s.store", model=str(r.out), device="cpu")
+    md = open_store(tmp_path / "s.store").metadata
+    assert md["model"] == "tf_efficientnet_lite0"
+    assert md["finetune"]["base_weights_source"].startswith("package:")
+    preds = classify(store=tmp_path / "s.store")
+    assert all(p.top[0].label == Path(p.path).parent.name for p in preds)
+    # the export checked during extract serves the next classify without torch
+    emb = cached_embedder(str(r.out), device="cpu")
+    assert emb is not None and emb.backbone is None and emb.head is not None
