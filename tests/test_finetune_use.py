@@ -178,6 +178,19 @@ def test_probes_do_not_cross_between_base_and_finetuned_stores(
     assert r.exit_code == 1 and "embedkit classify" in r.output and "Traceback" not in r.output
 
 
+def test_a_store_made_from_the_file_before_folders_were_models_says_to_re_extract(
+    world: dict[str, Path], ft_store: Path
+) -> None:
+    # Such stores recorded the backbone's sha256 without the head, and no finetune record.
+    manifest = json.loads((ft_store / "manifest.json").read_text())
+    md = manifest["metadata"]
+    del md["finetune"]
+    md["weights_sha256"] = "0" * 64
+    (ft_store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreMismatchError, match=f"re-extract it .* --model {world['ft']}"):
+        classify(store=ft_store, images=[world["photos"] / "red" / "0.png"], device="cpu")
+
+
 def test_the_torch_free_path_carries_the_head_and_classes(
     world: dict[str, Path], ft_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
