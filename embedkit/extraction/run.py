@@ -144,6 +144,8 @@ def extract(
         from .ray import require_ray
 
         require_ray()  # before any work: a clear message when the extra is missing
+    ref = resolve_model(model, weights, random_init)  # the name and file stores record
+    model, weights = ref.name, ref.weights
     t0 = time.perf_counter()
     wall_from = started if started is not None else time.time()
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python
@@ -158,8 +160,6 @@ def extract(
         if f.reason in ("unreadable_dir", "symlink_loop")
     ]
     local = engine in (None, "local")
-    ref = resolve_model(model, weights, random_init)  # the name and file stores record
-    model, weights = ref.name, ref.weights
     request = _Request(
         model, weights, random_init, device, runtime if local else "torch", normalize
     )
