@@ -59,7 +59,9 @@ def test_two_phases_train_only_the_last_unit_and_extract_loads_it(
     st = open_store(tmp_path / "s.store")
     assert st.metadata["weights_source"] == f"file:{r.weights}"
     bb = load_backbone(r.arch, weights=r.weights)
-    assert bb.head is None  # a 2-class head is not an ImageNet classifier
+    # the file beside its finetune.json is the fine-tuned model, with its 2-class head
+    assert bb.head is not None and bb.head[0].shape == (2, bb.dim)
+    assert bb.finetuned is not None and bb.finetuned.classes == ("blue", "red")
     row = st.row_of("red/0.png")
     from embedkit.extraction.embed import embed
 

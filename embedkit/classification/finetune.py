@@ -12,9 +12,10 @@ with the few hundred images this is meant for, re-estimating them hurts more tha
 the fine-tuned features then come from the exact forward ``extract`` runs.
 
 Files in ``out`` (safetensors + JSON, no pickle): ``model.safetensors`` (timm keys of the
-architecture, the new head as its classifier, so ``extract --model ARCH --weights
-out/model.safetensors`` loads the backbone), ``finetune.json`` (arch, classes, split,
-settings, history, test accuracy), and after every epoch ``checkpoint.safetensors`` +
+architecture, the new head as its classifier), ``finetune.json`` (arch, classes,
+preprocessing, the starting weights and their sha256, split, settings, history, test
+accuracy): together a model, ``--model out`` everywhere (``models.finetuned``), and after
+every epoch ``checkpoint.safetensors`` +
 ``checkpoint.json`` (weights, optimiser moments, best weights, epoch, history) for
 ``resume=True``.
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from .._fs import atomic_write_bytes
 from ..errors import InvalidArgumentError, ProbeError
+from ..models.finetuned import FORMAT
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 
 # (phase, row): phase is "head" (frozen features, L-BFGS) or "finetune"; row has HISTORY_COLUMNS.
 FinetuneCallback = Callable[[str, dict[str, float]], None]
-FORMAT = "embedkit.finetune/1"
 # A feature whose std on the training rows is below this x the median std is dead (phase1_head).
 DEAD_FEATURE_RATIO = 1e-3
 
@@ -57,8 +58,8 @@ class FinetuneResult:
     """What ``finetune`` produced.
 
     Attributes:
-        out: the output folder. weights: ``out/model.safetensors``.
-        arch: the timm architecture to pass as ``--model`` with ``--weights``.
+        out: the output folder: a model (``--model out``, ``extract(..., model=out)``).
+        weights: ``out/model.safetensors``. arch: its timm architecture.
         classes: the head's class names, in output order.
         head_history: phase 1 epochs; history: phase 2 epochs (``HISTORY_COLUMNS``).
         best_epoch: the phase 2 epoch whose weights were kept (0: phase 1's head alone).
@@ -498,8 +499,8 @@ def _save_model(
     from ..models.backbone import _classifier_name
 
     net_sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    # The classifier slot of the timm architecture holds the new head (C classes): extract
-    # loads the backbone and reports no ImageNet head; the head stays usable from here.
+    # The classifier slot of the timm architecture holds the new head (C classes); with
+    # finetune.json beside it, load_backbone builds the C-class model (models.finetuned).
     clf = _classifier_name(backbone.model)  # the Identity left by reset_classifier(0)
     net_sd[f"{clf}.weight"] = head.weight.detach().cpu().contiguous()
     net_sd[f"{clf}.bias"] = head.bias.detach().cpu().contiguous()
@@ -508,12 +509,13 @@ def _save_model(
     info = {
         "format": FORMAT, "arch": result.arch, "classes": result.classes,
         "preprocess": backbone.preprocess.to_dict(), "settings": settings,
-        "start_weights": backbone.weights_source, "best_epoch": result.best_epoch,
+        "start_weights": backbone.weights_source,
+        "start_weights_sha256": backbone.weights_sha256, "best_epoch": result.best_epoch,
         "test_acc_head": result.test_acc_head, "test_acc": result.test_acc,
         "stopped_early": result.stopped_early, "head_history": result.head_history,
         "history": result.history,
         "split": {s: [paths[i] for i in getattr(split, s)] for s in ("train", "val", "test")},
-        "use": f"embedkit extract PHOTOS --store S --model {result.arch} --weights "
-               f"{result.weights}",
+        "use": f"embedkit extract PHOTOS --store S --model {result.out}; embedkit classify "
+               f"photo.jpg --model {result.out}",
     }  # fmt: skip
     atomic_write_bytes(result.out / "finetune.json", json.dumps(info, indent=1).encode())

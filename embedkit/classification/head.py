@@ -1,7 +1,10 @@
-"""ImageNet classification from stored features: the backbone's own head, kept at extraction.
+"""Classification with the model's own head, kept at extraction: ImageNet's, or a fine-tune's.
 
 Extraction stores the pooled features the model's classifier acts on (``forward_head(...,
-pre_logits=True)``) and saves that classifier as ``STORE/head.safetensors``; applying it
+pre_logits=True)``) and saves that classifier as ``STORE/head.safetensors``: the 1000-class
+ImageNet head of pretrained weights, or the C-class head of a fine-tune folder (``embedkit
+finetune``), whose class names the store records (``metadata["finetune"]["classes"]``,
+``head_labels``). Applying it
 (``features @ weight.T + bias``, then softmax) reproduces the full model's output without
 re-running the backbone. New images go through the store's own model (``embedder_for_store``:
 its cached ONNX export when there is one, without importing torch).
@@ -130,7 +133,17 @@ def embed_image_files(
     return embed(list(paths), model=model, normalize=normalize)
 
 
-def _imagenet_names(n_classes: int) -> list[str]:
+def head_labels(n_classes: int, finetune: dict[str, Any] | None = None) -> list[str]:
+    """The names of a head's ``n_classes`` outputs: a fine-tune's classes (its store or
+    ``Finetuned.to_metadata()`` record), else ImageNet's 1000, else ``class i``."""
+    classes = list((finetune or {}).get("classes") or [])
+    if classes:
+        if len(classes) != n_classes:
+            raise ProbeError(
+                f"the fine-tuned head has {n_classes} outputs but {len(classes)} class names "
+                f"are recorded ({finetune.get('dir') if finetune else '?'}); re-extract the store"
+            )
+        return [str(c) for c in classes]
     from ..models.labels import imagenet_labels  # a file in the package: no timm
 
     names = list(imagenet_labels())
@@ -139,11 +152,17 @@ def _imagenet_names(n_classes: int) -> list[str]:
     return names
 
 
+def _finetune_record(emb: Any) -> dict[str, Any] | None:
+    ft = emb.finetuned
+    return None if ft is None else ft.to_metadata()
+
+
 def _require_head(store: Store) -> tuple[np.ndarray, np.ndarray]:
     fp = store.fingerprint
     model = fp.get("model", "?")
     # A random-init model has a classifier too (extraction may even save it), but its 1000
-    # outputs mean nothing; naming ImageNet classes from it would be silent garbage.
+    # outputs mean nothing; naming ImageNet classes from it would be silent garbage. (A
+    # fine-tune started from random weights is trained: its store says random_init False.)
     if fp.get("random_init"):
         raise ProbeError(
             f"store {store.path} was extracted with a randomly initialised {model}, which has "
@@ -170,12 +189,13 @@ def classify(
     weights: str | os.PathLike[str] | None = None,
     random_init: bool = False,
 ) -> list[Prediction]:
-    """Top-k ImageNet classes from a backbone's own classifier.
+    """Top-k classes from a backbone's own classifier: ImageNet's, or a fine-tune's classes.
 
     Two forms: with ``store``, the store's model and saved head (stored features, or
     ``images`` through the store's model); without it, ``images`` through ``model`` (default
-    ``DEFAULT_MODEL``, real weights) and that model's head. Files are decoded exactly as
-    ``extract`` decodes them (``embed`` -> ``load_model_input``).
+    ``DEFAULT_MODEL``, real weights) and that model's head. A fine-tune folder as ``model`` (or
+    a store extracted with one) classifies into the fine-tune's classes with its new head.
+    Files are decoded exactly as ``extract`` decodes them (``embed`` -> ``load_model_input``).
 
     Args:
         store: the store (or its path); its saved head is applied.
@@ -183,7 +203,8 @@ def classify(
             classified from its stored features (no backbone run).
         top_k: classes per image, best first.
         device: where the backbone runs for ``images`` (``auto``, ``cpu``, ``cuda``).
-        model: without a store, a preset or timm name (default ``DEFAULT_MODEL``).
+        model: without a store, a preset or timm name (default ``DEFAULT_MODEL``), or a
+            fine-tune folder (``embedkit finetune --out``).
         weights: without a store, a weights file for ``model`` (it must hold the classifier).
         random_init: refused (a random classifier names no real class); kept so that the
             error says why instead of a TypeError.
@@ -194,7 +215,7 @@ def classify(
     Raises:
         InvalidArgumentError: ``store`` together with ``model``/``weights``, or no images and
             no store.
-        ProbeError: the model has no ImageNet classifier (random init, headless weights).
+        ProbeError: the model has no classifier (random init, headless weights).
         WeightsUnavailableError: no weights for ``model``.
     """
     if top_k < 1:
@@ -218,7 +239,8 @@ def classify(
         features = embed_image_files(store, images, normalize=False, device=device)
         paths, ids = [str(p) for p in images], None
     probs = head_probabilities(features, weight, bias)
-    return rank_top_k(probs, _imagenet_names(probs.shape[1]), paths, top_k, ids)
+    names = head_labels(probs.shape[1], store.metadata.get("finetune"))
+    return rank_top_k(probs, names, paths, top_k, ids)
 
 
 def _classify_files(
@@ -254,4 +276,5 @@ def _classify_files(
         )
     features = embed([os.fspath(p) for p in images], model=emb)
     probs = head_probabilities(features, *emb.head)
-    return rank_top_k(probs, _imagenet_names(probs.shape[1]), [str(p) for p in images], top_k)
+    names = head_labels(probs.shape[1], _finetune_record(emb))
+    return rank_top_k(probs, names, [str(p) for p in images], top_k)

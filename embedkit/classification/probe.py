@@ -235,6 +235,12 @@ class Probe:
     def load(cls, directory: str | Path) -> Probe:
         """Read a probe saved by ``save``."""
         d = Path(directory)
+        if (d / "finetune.json").is_file() and not (d / "probe.json").is_file():
+            raise ProbeError(
+                f"{d} is a fine-tuned model, not a probe: classify with its own head, "
+                f"`embedkit classify --model {d} photo.jpg`, or `embedkit classify --store S` "
+                f"on a store extracted with --model {d}"
+            )
         try:
             meta = json.loads((d / "probe.json").read_text(encoding="utf-8"))
             tensors = load_file(str(d / "probe.safetensors"))

@@ -39,13 +39,17 @@ def extract_cmd(
         ),
     ],
     model: Annotated[
-        str, typer.Option(help="Preset (see `embedkit models`) or any timm model name.")
+        str,
+        typer.Option(
+            help="Preset (see `embedkit models`), any timm model name, or a fine-tune folder "
+            "(`embedkit finetune --out DIR`)."
+        ),
     ] = DEFAULT_MODEL,
     weights: Annotated[
         Path | None,
         typer.Option(
             help="Weights file: .safetensors, or a state-dict .pth/.pt (timm or torchvision "
-            "layout)."
+            "layout); a fine-tune's DIR/model.safetensors is that fine-tuned model."
         ),
     ] = None,
     random_init: Annotated[
@@ -201,6 +205,14 @@ def _print_info(info: dict) -> None:
         if key == "random_init" and value:
             cell = Text("True (random weights: vectors carry no meaning)", style="bold red")
         t.add_row(key, cell)
+        ft = info.get("finetune")
+        if key == "weights_sha256" and ft:
+            base = str(ft.get("base_weights_sha256") or "?")[:12]
+            t.add_row(
+                "fine-tuned from",
+                f"{ft['base_model']} ({ft['base_weights_source']}, sha256 {base}); classes "
+                f"{', '.join(ft['classes'])}",
+            )
     if info["failed_by_reason"]:
         t.add_row(
             "failed by reason",

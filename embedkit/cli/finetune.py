@@ -94,8 +94,8 @@ def finetune_cmd(
     phase 2 unfreezes the last --unfreeze units (AdamW, warm-up + cosine, early stopping on the
     group-aware validation split), checkpointing every epoch.
 
-    Writes model.safetensors (load it with `embedkit extract --model ARCH --weights ...`; ARCH
-    is printed), finetune.json and checkpoint.*; no pickle.
+    Writes model.safetensors, finetune.json and checkpoint.*; no pickle. The --out folder is
+    then a model: `--model OUT` in extract, classify (its classes), trace, search, compare.
 
     Example: embedkit finetune photos/ --out ft --unfreeze 2 --epochs 10
     """
@@ -117,6 +117,7 @@ def finetune_cmd(
         f"{', stopped early' if result.stopped_early else ''})"
     )
     console.print(
-        f"weights: {result.weights}; use: embedkit extract PHOTOS --store S --model "
-        f"{result.arch} --weights {result.weights}"
+        f"model: {result.out} ({result.arch}, classes {', '.join(result.classes)}); use: "
+        f"embedkit classify photo.jpg --model {result.out}, embedkit extract PHOTOS --store S "
+        f"--model {result.out}"
     )

@@ -66,11 +66,18 @@ def trace_cmd(
         typer.Option(
             "--model",
             "-m",
-            help="Preset or timm name (default: the probe's, else efficientnet_lite0).",
+            help="Preset or timm name, or a fine-tune folder (`embedkit finetune --out DIR`: "
+            "its head and classes end the trace); default: the probe's, else "
+            "efficientnet_lite0.",
         ),
     ] = None,
     weights: Annotated[
-        Path | None, typer.Option("--weights", help="Weights file (.safetensors/.pth).")
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="Weights file (.safetensors/.pth); a fine-tune's DIR/model.safetensors is that "
+            "fine-tuned model.",
+        ),
     ] = None,
     random_init: Annotated[
         bool, typer.Option("--random-init", help="Random weights on purpose (no classifier).")
@@ -89,7 +96,7 @@ def trace_cmd(
     The features are the vector `extract` stores for this file (checked while tracing).
 
     Examples: embedkit trace cat.jpg; embedkit trace cat.jpg --model resnet50 --json;
-    embedkit trace cat.jpg --probe cats.probe
+    embedkit trace cat.jpg --probe cats.probe; embedkit trace photo.jpg --model ft/
     """
     from ..pipeline.trace import trace
 
@@ -133,8 +140,8 @@ def compare_cmd(
         str,
         typer.Option(
             "--models",
-            help="Comma-separated presets or timm names, e.g. "
-            "efficientnet_lite0,efficientnet_lite1,resnet50.",
+            help="Comma-separated presets, timm names or fine-tune folders, e.g. "
+            "efficientnet_lite0,efficientnet_lite1,resnet50 or efficientnet_lite0,ft/.",
         ),
     ] = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
     labels: Annotated[

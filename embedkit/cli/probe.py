@@ -1,5 +1,6 @@
-"""CLI verbs for classification: ``classify`` (the ImageNet head) and ``probe train | eval |
-predict | knn`` (linear probes and k-NN on your own labels)."""
+"""CLI verbs for classification: ``classify`` (the model's own head: ImageNet's or a
+fine-tune's) and ``probe train | eval | predict | knn`` (linear probes and k-NN on your own
+labels)."""
 
 from __future__ import annotations
 
@@ -122,12 +123,17 @@ def classify_cmd(
         typer.Option(
             "--model",
             "-m",
-            help="Without --store: a preset or timm name (default efficientnet_lite0).",
+            help="Without --store: a preset or timm name (default efficientnet_lite0), or a "
+            "fine-tune folder (`embedkit finetune --out DIR`: its classes).",
         ),
     ] = None,
     weights: Annotated[
         Path | None,
-        typer.Option("--weights", help="Without --store: weights file with the 1000-class head."),
+        typer.Option(
+            "--weights",
+            help="Without --store: weights file with the 1000-class head, or a fine-tune's "
+            "DIR/model.safetensors.",
+        ),
     ] = None,
     random_init: Annotated[
         bool,
@@ -137,14 +143,15 @@ def classify_cmd(
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Top-k ImageNet classes from the backbone's own classifier.
+    """Top-k classes from the backbone's own classifier: ImageNet's, or a fine-tune's.
 
     Without --store: image files through a pretrained model (default efficientnet_lite0, real
-    weights offline). With --store: the store's model and saved head, on the given files or,
-    with none, on its stored features.
+    weights offline), or through a fine-tuned one (--model DIR: its classes). With --store: the
+    store's model and saved head, on the given files or, with none, on its stored features
+    (a store extracted with --model DIR classifies into DIR's classes).
 
     Examples: embedkit classify cat.jpg; embedkit classify --model resnet50 -k 3 cat.jpg;
-    embedkit classify --store photos.store
+    embedkit classify --model ft/ photo.jpg; embedkit classify --store photos.store
     """
     from ..classification.head import classify
 
@@ -157,7 +164,7 @@ def classify_cmd(
         weights=weights,
         random_init=random_init,
     )
-    _print_predictions(preds, json_out, "ImageNet classes")
+    _print_predictions(preds, json_out, "classes from the model's own head")
 
 
 def _fmt(x: float) -> str:

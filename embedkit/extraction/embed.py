@@ -86,8 +86,8 @@ def embed(
 
     Args:
         images: image file paths and PIL images (any mode), mixed freely; or just one.
-        model: a preset or timm model name, a loaded ``Backbone``, or an ``Embedder``
-            (``embedder_for_store``).
+        model: a preset or timm model name, a fine-tune folder (``finetune --out``), a loaded
+            ``Backbone``, or an ``Embedder`` (``embedder_for_store``).
         weights: weights file, when ``model`` is a name.
         random_init: use random weights on purpose (never a silent fallback).
         batch_size: images per forward pass.
@@ -139,6 +139,12 @@ def backbone_for_store(store: Store, device: str = "auto") -> Backbone:
 
     backbone = load_backbone(name, **kwargs)
     if backbone.weights_sha256 != md.get("weights_sha256"):
+        if backbone.finetuned is not None and "finetune" not in md:
+            raise StoreMismatchError(
+                f"store {store.path} was made from {backbone.finetuned.weights} before fine-tune "
+                "folders were models (its sha256 leaves the head out); re-extract it into a new "
+                f"store with --model {backbone.finetuned.dir}"
+            )
         raise StoreMismatchError(
             f"the {name} weights found here (sha256 {str(backbone.weights_sha256)[:12]}) are not "
             f"the ones store {store.path} was made with ({str(md.get('weights_sha256'))[:12]}); "

@@ -25,6 +25,7 @@ from ..errors import InvalidArgumentError
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..images.sources import FoundFile, find_images
 from ..models.embedder import Embedder, cached_embedder
+from ..models.finetuned import resolve_model
 from ..store.read import (
     STATUS_OK,
     _read_parts,
@@ -86,7 +87,8 @@ def extract(
     Args:
         sources: folders (recursive), image files, or .txt/.csv lists of paths.
         store: the store directory (created if missing).
-        model: a preset or any timm model name.
+        model: a preset, any timm model name, or a fine-tune folder (``finetune --out``; the
+            store then records the fine-tuned weights, their classes and their base).
         weights: a weights file (safetensors or a state-dict .pth); see ``load_backbone``.
         random_init: random weights on purpose; recorded in the store.
         batch_size: images per forward pass (default ``cores.default_batch_size`` for the
@@ -141,6 +143,8 @@ def extract(
         from .ray import require_ray
 
         require_ray()  # before any work: a clear message when the extra is missing
+    ref = resolve_model(model, weights, random_init)  # the name and file stores record
+    model, weights = ref.name, ref.weights
     t0 = time.perf_counter()
     wall_from = started if started is not None else time.time()
     sources = [os.path.expanduser(os.fspath(src)) for src in sources]  # "~/Pictures" from Python

@@ -4,7 +4,9 @@ own preprocessing.
 Weights come from exactly one source, tried in this order, and are recorded by a sha256 of the
 tensors (``weights.state_sha256``):
 
-1. ``weights=FILE`` (timm or torchvision layout, ``.safetensors`` or ``.pth``);
+1. ``weights=FILE`` (timm or torchvision layout, ``.safetensors`` or ``.pth``), or a fine-tune
+   folder as ``name`` (``finetuned.resolve_model``: its architecture and ``model.safetensors``,
+   its own head and class names kept);
 2. an offline package that ships the preset's weights (``efficientnet_lite0``);
 3. timm's own pretrained weights, from the local Hugging Face / torch hub cache only.
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import InvalidArgumentError, WeightsMismatchError, WeightsUnavailableError
+from .finetuned import Finetuned, resolve_model
 from .labels import imagenet_labels  # noqa: F401 (re-export; torch-free home)
 from .packaged import LITE0_PACKAGE, PACKAGED, package_weights_file
 from .preprocess import Preprocess
@@ -33,6 +36,7 @@ from .provenance import Provenance
 from .weights import (
     TORCHVISION_PREPROCESS,
     StateDict,
+    classifier_keys,
     convert_torchvision,
     fit_to_template,
     hub_cached_file,
@@ -73,11 +77,13 @@ class Backbone:
         weights_source: ``file:/abs/path``, ``package:NAME``, ``timm:hub:REPO`` or ``random-init``.
         weights_sha256: ``state_sha256`` of the loaded tensors (file format does not matter).
         random_init: True only when random weights were asked for.
-        head: ImageNet classifier ``(weight (1000, dim), bias (1000,))`` on the features, or None.
+        head: the classifier on the features, ``(weight (C, dim), bias (C,))``: ImageNet's
+            (C = 1000), a fine-tune's (its classes, ``finetuned.classes``), or None.
         device: where ``model`` lives.
         arch: the timm architecture actually built (``tf_efficientnet_lite0`` for the lite0
             package weights, whose padding and BN eps differ from ``efficientnet_lite0``).
         seed: the seed of random init (and of any classifier a headless file leaves unset).
+        finetuned: what the fine-tune folder says (classes, base model), for its weights.
     """
 
     name: str
@@ -91,6 +97,7 @@ class Backbone:
     device: torch.device
     arch: str = field(default="")
     seed: int = 0
+    finetuned: Finetuned | None = None
 
     @property
     def provenance(self) -> Provenance:
@@ -129,8 +136,10 @@ def load_backbone(
     """Build a headless backbone with real weights (or, when asked, random ones).
 
     Args:
-        name: a preset (``PRESETS``) or any ``timm.list_models()`` name.
-        weights: a state dict file; skips the package and hub sources.
+        name: a preset (``PRESETS``), any ``timm.list_models()`` name, or a fine-tune folder
+            (``embedkit finetune --out``).
+        weights: a state dict file; skips the package and hub sources (a fine-tune's
+            ``model.safetensors`` is that fine-tuned model, as its folder would be).
         random_init: use seeded random weights on purpose (tests, smoke runs).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         seed: seed for random init (and for any classifier a headless file leaves unset).
@@ -140,6 +149,8 @@ def load_backbone(
         WeightsUnavailableError: no weight source worked (the message names all of them).
         WeightsMismatchError: the weights file does not fit the model.
     """
+    ref = resolve_model(name, weights, random_init)
+    name, weights = ref.name, ref.weights
     _check_model_name(name)
     dev = resolve_device(device)
     if random_init and weights is not None:
@@ -148,6 +159,8 @@ def load_backbone(
     if random_init:
         model = _create(name, seed)
         loaded = _Loaded(model, name, "random-init", model.state_dict(), _has_imagenet_head(model))
+    elif ref.finetuned is not None:
+        loaded = _from_finetune(ref.finetuned, seed)
     elif weights is not None:
         loaded = _from_file(name, weights, seed)
     else:
@@ -158,7 +171,9 @@ def load_backbone(
         if found is None:
             raise WeightsUnavailableError(_unavailable_message(name, hub_problem))
         loaded = found
-    return _finish(name, loaded, dev, random_init, seed)
+    backbone = _finish(name, loaded, dev, random_init, seed)
+    backbone.finetuned = ref.finetuned
+    return backbone
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -214,6 +229,7 @@ class _Loaded:
     loaded: StateDict  # the tensors that came from the source, for the hash
     has_head: bool
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocess | None = None  # the whole recipe, when the source records it
 
 
 def _check_model_name(name: str) -> None:
@@ -265,6 +281,24 @@ def _from_file(name: str, path: str | os.PathLike[str], seed: int) -> _Loaded:
     fitted, has_head = fit_to_template(sd, template, classifier)
     _load(model, fitted)
     return _Loaded(model, name, source, fitted, has_head, overrides)
+
+
+def _from_finetune(ft: Finetuned, seed: int) -> _Loaded:
+    """A fine-tune's ``model.safetensors``: built with its C-class classifier, so the head is
+    loaded and hashed with the backbone (a head-only fine-tune differs from its base)."""
+    sd = read_state_dict(ft.weights)
+    model = _create(ft.arch, seed, num_classes=len(ft.classes))
+    classifier = _classifier_name(model)
+    fitted, _ = fit_to_template(sd, model.state_dict(), classifier)
+    if not classifier_keys(fitted, classifier):
+        raise WeightsMismatchError(
+            f"{ft.weights} has no {len(ft.classes)}-class head in {classifier!r} as "
+            f"{ft.dir}/finetune.json says; rerun the fine-tune"
+        )
+    _load(model, fitted)
+    # The preprocessing it trained with (finetune.json), not re-derived from the architecture:
+    # a base with torchvision weights trained with torchvision's recipe.
+    return _Loaded(model, ft.arch, f"file:{ft.weights}", fitted, True, preprocess=ft.preprocess)
 
 
 def _from_package(name: str, seed: int) -> _Loaded | None:
@@ -346,8 +380,10 @@ def _finish(
     # (resnet50 0.54 -> 0.43 s, efficientnet_lite0 0.11 -> 0.08 s, mobilenetv2 0.11 -> 0.08 s)
     # and it is the fast layout for convs under CUDA autocast too.
     model = model.eval().to(dev).to(memory_format=torch.channels_last)
-    cfg = timm.data.resolve_model_data_config(model)
-    preprocess = replace(Preprocess.from_timm_config(cfg), **_as_preprocess_fields(loaded))
+    preprocess = loaded.preprocess
+    if preprocess is None:
+        cfg = timm.data.resolve_model_data_config(model)
+        preprocess = replace(Preprocess.from_timm_config(cfg), **_as_preprocess_fields(loaded))
     dim = _measure_dim(model, preprocess, dev)
     if head is not None and head[0].shape[1] != dim:
         head = None  # a timm model whose classifier does not act on the pooled pre-logits

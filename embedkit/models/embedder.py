@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, WeightsUnavailableError
+from .finetuned import Finetuned, resolve_model
 from .onnx_cache import DEFAULT_OPSET, INPUT, OUTPUT, file_sha256, find_verified
 from .preprocess import Preprocess
 from .provenance import Provenance
@@ -128,9 +129,11 @@ class Embedder:
         runner: ``forward(uint8 NHWC numpy) -> float32 (N, dim)``, plus ``runtime``,
             ``threads``, ``set_threads`` and ``metadata()`` (``runtime`` runners, or
             ``OnnxSession``).
-        head: the ImageNet classifier ``(weight (C, dim), bias (C,))`` as float32, or None.
+        head: the classifier ``(weight (C, dim), bias (C,))`` as float32: ImageNet's, a
+            fine-tune's (``finetuned.classes``), or None.
         versions: ``torch_version`` and ``timm_version`` of the code that built the model.
         backbone: the torch ``Backbone`` when one was loaded (None on the torch-free path).
+        finetuned: what the fine-tune folder says, for a fine-tune's weights.
     """
 
     name: str
@@ -146,6 +149,7 @@ class Embedder:
     device_type: str = "cpu"
     versions: dict[str, str | None] = field(default_factory=dict)
     backbone: Backbone | None = None
+    finetuned: Finetuned | None = None
 
     def forward_uint8(self, batch_uint8: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, dim) features."""
@@ -186,6 +190,7 @@ class Embedder:
             device_type=backbone.device.type,
             versions={"torch_version": torch.__version__, "timm_version": timm.__version__},
             backbone=backbone,
+            finetuned=backbone.finetuned,
         )
 
 
@@ -215,14 +220,19 @@ def cached_embedder(
     Returns:
         An ``Embedder`` over an ``OnnxSession``, or None when the model must be loaded.
     """
+    ref = resolve_model(name, weights, random_init)  # a fine-tune folder: its arch and file
     if runtime == "torch" or device not in ("auto", "cpu") or (device == "auto" and cuda_present()):
         return None
     if importlib.util.find_spec("onnxruntime") is None:
         return None
+    name, weights = ref.name, ref.weights
     found = find_verified(name, weights, random_init, seed, opset, cache_dir, weights_sha256)
     if found is None:
         return None
     path, entry, head = found
+    ft = ref.finetuned
+    if ft is not None and (head is None or head[0].shape[0] != len(ft.classes)):
+        return None  # an entry from before fine-tune heads were kept: load and re-record
     preprocess = Preprocess.from_dict(entry["preprocess"])
     runner = OnnxSession(
         path,
@@ -246,6 +256,7 @@ def cached_embedder(
         runner=runner,
         head=head,
         versions={k: entry.get(k) for k in ("torch_version", "timm_version")},
+        finetuned=ref.finetuned,
     )
 
 

@@ -3,7 +3,8 @@
 The same sources, in the same order, as ``extract`` uses: the verified ONNX export in the cache
 (``embedder.cached_embedder``, imports neither torch nor timm), else ``load_backbone`` run
 through ``runtime.make_forward`` (which exports and checks the graph, so the next call is
-torch-free). The ``Embedder`` carries the model's ImageNet head when its weights have one.
+torch-free). The ``Embedder`` carries the model's own head when its weights have one: ImageNet's,
+or a fine-tune folder's (``models.finetuned``), with its class names.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def embedder_by_name(
     runtime: str = "auto",
     threads: int | None = None,
 ) -> Embedder:
-    """The model ``name`` (weights as for ``load_backbone``), ready to embed uint8 crops.
+    """The model ``name`` (a preset, a timm name or a fine-tune folder; weights as for
+    ``load_backbone``), ready to embed uint8 crops.
 
     Raises:
         InvalidArgumentError: unknown model, device or runtime.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .finetuned import Finetuned
 from .preprocess import Preprocess
 
 
@@ -26,6 +27,8 @@ class Provenance:
     seed: the seed of random init (and of any classifier a headless file leaves unset).
     preprocess: the eval preprocessing these weights expect.
     dim: embedding size, measured by a dummy forward.
+    finetuned: for a fine-tune's weights, its classes and base model and weights (recorded
+        as the store's ``finetune``; the fine-tuned weights are ``weights_*``, head included).
     """
 
     name: str
@@ -36,6 +39,7 @@ class Provenance:
     seed: int
     preprocess: Preprocess
     dim: int
+    finetuned: Finetuned | None = None
 
     @classmethod
     def of(cls, model: Any) -> Provenance:
@@ -50,6 +54,7 @@ class Provenance:
             seed=model.seed,
             preprocess=model.preprocess,
             dim=model.dim,
+            finetuned=model.finetuned,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -66,7 +71,7 @@ class Provenance:
 
     def to_metadata(self) -> dict[str, Any]:
         """The model's part of a store's metadata (the keys stores were written with)."""
-        return {
+        md = {
             "model": self.name,
             "weights_source": self.weights_source,
             "weights_sha256": self.weights_sha256,
@@ -75,3 +80,6 @@ class Provenance:
             "preprocess": self.preprocess.to_dict(),
             "dim": self.dim,
         }
+        if self.finetuned is not None:
+            md["finetune"] = self.finetuned.to_metadata()
+        return md

@@ -85,11 +85,13 @@ def compare_models(
     Args:
         labelled_dir: a folder of photos, one subfolder per class (or any folder with
             ``labels``).
-        models: preset or timm names, in the order of the result.
+        models: preset or timm names, or fine-tune folders (``finetune --out``: the fine-tuned
+            backbone against its base), in the order of the result.
         labels: a ``path,label`` CSV (paths as stored, relative to ``labelled_dir``); default:
             parent folder names.
         random_init: allow random weights, recorded as ``random`` (tests, smoke runs); without
-            it a model with no real weights is skipped with the reason.
+            it a model with no real weights is skipped with the reason. A fine-tune folder
+            always brings its trained weights.
         stores_dir: keep each model's store here (``MODEL.store``; reruns reuse them); default
             a temporary folder, removed afterwards.
         missing: ``error`` or ``drop`` images without a label.
@@ -152,6 +154,7 @@ def _compare(
     from ..classification.labels import labelled_features, split_rows
     from ..classification.train import train_probe
     from ..extraction.run import extract
+    from ..models.finetuned import finetuned_folder
     from ..store.read import open_store
 
     if missing not in ("error", "drop"):
@@ -167,7 +170,7 @@ def _compare(
                 [os.fspath(labelled_dir)],
                 store,
                 model=name,
-                random_init=random_init,
+                random_init=random_init and finetuned_folder(name) is None,
                 device=device,
             )
         except WeightsUnavailableError as e:

@@ -77,7 +77,8 @@ class Trace:
         stages: in pipeline order.
         features: float32 (dim,), the vector ``extract`` stores for this file.
         top: ``[(index, label, prob)]``, best first (empty when there is no classifier).
-        classifier: ``imagenet``, ``probe:DIR`` or None.
+        classifier: ``imagenet``, ``finetune:DIR`` (a fine-tuned model's own head),
+            ``probe:DIR`` or None.
     """
 
     path: str
@@ -120,8 +121,8 @@ def trace(
 
     Args:
         path: an image file.
-        model: a preset or timm name, or a loaded ``Backbone``; default the probe's model, else
-            ``DEFAULT_MODEL``.
+        model: a preset or timm name, a fine-tune folder (its head and classes end the trace),
+            or a loaded ``Backbone``; default the probe's model, else ``DEFAULT_MODEL``.
         weights, random_init, device: as for ``load_backbone`` (when ``model`` is a name).
         probe: a probe directory (or ``Probe``): its classes replace the ImageNet head.
         top_k: classes in the last stage.
@@ -219,7 +220,8 @@ def trace(
         top = _probe_stages(stages, pr, backbone, feats, top_k)
     elif backbone.head is not None and not backbone.random_init:
         # (a random-init model has a 1000-way classifier too, but it names no real class)
-        classifier = "imagenet"
+        ft = backbone.finetuned
+        classifier = "imagenet" if ft is None else f"finetune:{ft.dir}"
         top = _head_stages(stages, backbone, feats, top_k)
     return Trace(
         path=where,
@@ -288,16 +290,19 @@ def _norm_facts(pp: Preprocess, x: np.ndarray) -> dict[str, Any]:
 def _head_stages(
     stages: list[Stage], backbone: Backbone, feats: np.ndarray, top_k: int
 ) -> list[tuple[int, str, float]]:
-    from ..classification.head import _imagenet_names, softmax
+    from ..classification.head import head_labels, softmax
 
     assert backbone.head is not None
     w, b = (t.detach().cpu().double().numpy() for t in backbone.head)
     t = time.perf_counter()
     # float64 like classification.head.head_probabilities (what `classify` computes)
     logits = feats.astype(np.float64) @ w.T + b
-    facts: dict[str, Any] = {"classifier": "ImageNet head (dense)", **_range(logits)}
+    ft = backbone.finetuned
+    what = "ImageNet head (dense)" if ft is None else f"fine-tuned head (dense, {ft.dir})"
+    facts: dict[str, Any] = {"classifier": what, **_range(logits)}
     stages.append(_timed(Stage("logits", list(logits.shape), "float64", 0.0, facts), t))
-    return _softmax_top(stages, softmax(logits), _imagenet_names(logits.shape[1]), top_k, t)
+    names = head_labels(logits.shape[1], None if ft is None else ft.to_metadata())
+    return _softmax_top(stages, softmax(logits), names, top_k, t)
 
 
 def _probe_stages(

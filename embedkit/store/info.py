@@ -16,8 +16,9 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summary of a store: row counts, failures by reason, model and provenance.
 
     Keys: rows, failed, failed_by_reason, dim, model, weights_source, weights_sha256,
-    random_init, normalize, preprocess, runtime, runtimes, precision, version, parts, bytes,
-    created, updated, versions.
+    random_init, finetune (None, or the fine-tune's dir, classes, base_model,
+    base_weights_source, base_weights_sha256), normalize, preprocess, runtime, runtimes,
+    precision, version, parts, bytes, created, updated, versions.
     """
     store = open_store(path, vectors=False)  # counts and metadata: no vectors needed
     md = store.metadata
@@ -36,6 +37,7 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "weights_source": md.get("weights_source"),
         "weights_sha256": md.get("weights_sha256"),
         "random_init": bool(md.get("random_init")),
+        "finetune": md.get("finetune"),
         "normalize": bool(md.get("normalize")),
         "preprocess": md.get("preprocess"),
         "runtime": md.get("runtime"),
