@@ -1,0 +1,148 @@
+"""Ctrl-C under load: how often does an interrupted ``embedkit extract`` fail to exit?
+
+Runs ``--loops`` loops at once; each runs ``embedkit extract`` ``--runs`` times on a folder of
+small JPEGs (a fresh store each time), sends SIGINT to the main process a random 1-3 s after
+its decode workers appeared, and waits ``--limit`` seconds for it to exit. A run still alive
+then is a hang: its threads' C stacks are saved with gdb (when installed) and ``/proc``, then
+it is killed. Every run's store must open afterwards.
+
+    PYTHONPATH=$PWD python benchmarks/sigint_stress.py --runs 20 --loops 2 --out /tmp/stress
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY = "test_efficientnet"
+
+
+def make_photos(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        base = rng.integers(0, 255, (4, 4, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC)
+        img.save(folder / f"{i:04d}.jpg", quality=90)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _dump(pid: int, path: Path) -> None:
+    """C stacks of every thread of a hung process (gdb), and each thread's kernel wait."""
+    lines = []
+    if shutil.which("gdb"):
+        gdb = subprocess.run(
+            ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines.append(gdb.stdout[-60000:])
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            comm = (task / "comm").read_text().strip()
+            wchan = (task / "wchan").read_text().strip()
+        except OSError:
+            continue
+        lines.append(f"task {task.name} {comm} wchan={wchan}")
+    path.write_text("\n".join(lines))
+
+
+def one_run(src: Path, store: Path, limit: float, dumps: Path, tag: str) -> dict:
+    shutil.rmtree(store, ignore_errors=True)
+    cmd = [sys.executable, "-m", "embedkit", "extract", str(src), "--store", str(store),
+           "--model", TINY, "--random-init"]  # fmt: skip
+    t0 = time.monotonic()
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    while p.poll() is None and not _children(p.pid) and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(random.uniform(1.0, 3.0))
+    if p.poll() is not None:
+        return {"outcome": "finished_first", "rc": p.returncode}
+    p.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        _, err = p.communicate(timeout=limit)
+        outcome = "exited"
+    except subprocess.TimeoutExpired:
+        outcome = "hang"
+        _dump(p.pid, dumps / f"hang-{tag}.txt")
+        os.killpg(p.pid, signal.SIGKILL)  # the session this run started
+        _, err = p.communicate()
+    rec = {"outcome": outcome, "rc": p.returncode, "exit_s": time.monotonic() - sent}
+    committed = err is not None and "interrupted; committed work is kept" in err
+    rec["said_interrupted"] = committed
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from embedkit.store.read import open_store; print(len(open_store(sys.argv[1])))",
+         str(store)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    rec["store_rows"] = int(check.stdout) if check.returncode == 0 else None
+    if outcome == "hang":
+        (dumps / f"hang-{tag}.stderr").write_text(err or "")
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--limit", type=float, default=30.0, help="seconds to exit after SIGINT")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/embedkit-sigint-stress"))
+    args = ap.parse_args()
+    # A shell starts background jobs with SIGINT ignored, and runs would inherit that (Python
+    # keeps an inherited SIG_IGN): a handler here makes them start with the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args.out.mkdir(parents=True, exist_ok=True)
+    src = args.out / "photos"
+    if not src.exists():
+        make_photos(src, args.images)
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def loop(n: int) -> None:
+        for i in range(args.runs):
+            rec = one_run(src, args.out / f"store-{n}", args.limit, args.out, f"{n}-{i}")
+            with lock:
+                results.append(rec)
+                print(n, i, rec, f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(args.loops)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes = Counter(r["outcome"] for r in results)
+    signalled = outcomes["exited"] + outcomes["hang"]
+    bad_store = sum(1 for r in results if r.get("outcome") != "finished_first" and r["store_rows"] is None)
+    rcs = Counter(r["rc"] for r in results if r["outcome"] == "exited")
+    slow = sorted(r["exit_s"] for r in results if r["outcome"] == "exited")
+    print(f"runs {len(results)}, signalled {signalled}, hangs {outcomes['hang']}, "
+          f"finished before the signal {outcomes['finished_first']}, exit codes {dict(rcs)}, "
+          f"unreadable stores {bad_store}, exit after SIGINT median "
+          f"{np.median(slow) if slow else float('nan'):.2f}s max {max(slow) if slow else 0:.2f}s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
