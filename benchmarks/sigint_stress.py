@@ -65,13 +65,23 @@ def _dump(pid: int, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def one_run(src: Path, store: Path, limit: float, dumps: Path, tag: str, from_start: bool) -> dict:
+def one_run(
+    src: Path, store: Path, limit: float, dumps: Path, tag: str, from_start: bool, code: str
+) -> dict:
+    """One interrupted run; ``code``: the embedkit checkout to run (empty: this one)."""
     shutil.rmtree(store, ignore_errors=True)
     cmd = [sys.executable, "-m", "embedkit", "extract", str(src), "--store", str(store),
            "--model", TINY, "--random-init"]  # fmt: skip
     t0 = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": code} if code else None
     p = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+        cwd=code or None,
     )
     while not from_start and p.poll() is None and not _children(p.pid):
         if time.monotonic() - t0 > 120:
@@ -93,8 +103,12 @@ def one_run(src: Path, store: Path, limit: float, dumps: Path, tag: str, from_st
     rec = {"outcome": outcome, "rc": p.returncode, "exit_s": time.monotonic() - sent}
     committed = err is not None and "interrupted; committed work is kept" in err
     rec["said_interrupted"] = committed
-    code = "import sys; from embedkit.store.read import open_store as o; print(len(o(sys.argv[1])))"
-    check = subprocess.run([sys.executable, "-c", code, str(store)], capture_output=True, text=True)
+    snippet = (
+        "import sys; from embedkit.store.read import open_store as o; print(len(o(sys.argv[1])))"
+    )
+    check = subprocess.run(
+        [sys.executable, "-c", snippet, str(store)], capture_output=True, text=True
+    )
     rec["store_rows"] = int(check.stdout) if check.returncode == 0 else None
     if outcome == "hang":
         (dumps / f"hang-{tag}.stderr").write_text(err or "")
@@ -113,6 +127,13 @@ def main() -> None:
         help="count the 1-3 s from the process start (the signal often lands while the model "
         "loads), not from the decode workers' start",
     )
+    ap.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        help="an embedkit checkout for the runs (repeat: loop i uses the i-th, round robin), "
+        "e.g. the code before and after a change under the same load",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/embedkit-sigint-stress"))
     args = ap.parse_args()
     # A shell starts background jobs with SIGINT ignored, and runs would inherit that (Python
@@ -128,7 +149,9 @@ def main() -> None:
     def loop(n: int) -> None:
         for i in range(args.runs):
             store = args.out / f"store-{n}"
-            rec = one_run(src, store, args.limit, args.out, f"{n}-{i}", args.from_start)
+            code = args.code[n % len(args.code)] if args.code else ""
+            rec = one_run(src, store, args.limit, args.out, f"{n}-{i}", args.from_start, code)
+            rec["code"] = code
             with lock:
                 results.append(rec)
                 print(n, i, rec, f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -138,6 +161,11 @@ def main() -> None:
         t.start()
     for t in threads:
         t.join()
+    for code in sorted({r["code"] for r in results}):
+        print(code or "(this checkout)", summary([r for r in results if r["code"] == code]))
+
+
+def summary(results: list[dict]) -> str:
     outcomes = Counter(r["outcome"] for r in results)
     signalled = outcomes["exited"] + outcomes["hang"]
     # A run that said "committed work is kept" must have a readable store (a signal during
@@ -146,7 +174,7 @@ def main() -> None:
     rcs = Counter(r["rc"] for r in results if r["outcome"] == "exited")
     slow = sorted(r["exit_s"] for r in results if r["outcome"] == "exited")
     median = float(np.median(slow)) if slow else float("nan")
-    print(
+    return (
         f"runs {len(results)}, signalled {signalled}, hangs {outcomes['hang']}, "
         f"finished before the signal {outcomes['finished_first']}, exit codes {dict(rcs)}, "
         f"unreadable stores {bad_store}, exit after SIGINT median {median:.2f}s "
