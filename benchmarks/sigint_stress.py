@@ -1,10 +1,11 @@
 """Ctrl-C under load: how often does an interrupted ``embedkit extract`` fail to exit?
 
 Runs ``--loops`` loops at once; each runs ``embedkit extract`` ``--runs`` times on a folder of
-small JPEGs (a fresh store each time), sends SIGINT to the main process a random 1-3 s after
-its decode workers appeared (``--from-start``: after its start), and waits ``--limit``
-seconds for it to exit. A run still alive then is a hang: its threads' C stacks are saved with
-gdb (when installed) and ``/proc``, then it is killed. Every run's store must open afterwards.
+small JPEGs (a fresh store each time), sends SIGINT to the main process a random 1-3 s
+(``--delay``) after its decode workers appeared (``--from-start``: after its start), and waits
+``--limit`` seconds for it to exit. A run still alive then is a hang: its threads' C stacks
+are saved with gdb (when installed) and ``/proc``, then it is killed. Every run that said it
+committed must leave a store that opens.
 
     PYTHONPATH=$PWD python benchmarks/sigint_stress.py --runs 20 --loops 2 --out /tmp/stress
 """
@@ -66,7 +67,14 @@ def _dump(pid: int, path: Path) -> None:
 
 
 def one_run(
-    src: Path, store: Path, limit: float, dumps: Path, tag: str, from_start: bool, code: str
+    src: Path,
+    store: Path,
+    limit: float,
+    dumps: Path,
+    tag: str,
+    from_start: bool,
+    code: str,
+    delay: tuple[float, float],
 ) -> dict:
     """One interrupted run; ``code``: the embedkit checkout to run (empty: this one)."""
     shutil.rmtree(store, ignore_errors=True)
@@ -87,7 +95,7 @@ def one_run(
         if time.monotonic() - t0 > 120:
             break
         time.sleep(0.05)
-    time.sleep(random.uniform(1.0, 3.0))
+    time.sleep(random.uniform(*delay))
     if p.poll() is not None:
         return {"outcome": "finished_first", "rc": p.returncode}
     p.send_signal(signal.SIGINT)
@@ -109,7 +117,10 @@ def one_run(
     check = subprocess.run(
         [sys.executable, "-c", snippet, str(store)], capture_output=True, text=True
     )
-    rec["store_rows"] = int(check.stdout) if check.returncode == 0 else None
+    if not (store / "manifest.json").exists():
+        rec["store_rows"] = "none yet"  # interrupted before the first commit
+    else:
+        rec["store_rows"] = int(check.stdout) if check.returncode == 0 else None
     if outcome == "hang":
         (dumps / f"hang-{tag}.stderr").write_text(err or "")
     return rec
@@ -121,6 +132,9 @@ def main() -> None:
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--limit", type=float, default=30.0, help="seconds to exit after SIGINT")
+    ap.add_argument(
+        "--delay", type=float, nargs=2, default=(1.0, 3.0), help="min and max seconds to wait"
+    )
     ap.add_argument(
         "--from-start",
         action="store_true",
@@ -150,7 +164,9 @@ def main() -> None:
         for i in range(args.runs):
             store = args.out / f"store-{n}"
             code = args.code[n % len(args.code)] if args.code else ""
-            rec = one_run(src, store, args.limit, args.out, f"{n}-{i}", args.from_start, code)
+            rec = one_run(
+                src, store, args.limit, args.out, f"{n}-{i}", args.from_start, code, args.delay
+            )
             rec["code"] = code
             with lock:
                 results.append(rec)

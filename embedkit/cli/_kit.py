@@ -59,11 +59,11 @@ def leave_after_signal(code: object) -> None:
     the interpreter's teardown; return otherwise.
 
     By then the command has committed its work (the library's ``finally`` blocks ran while the
-    interrupt unwound) and printed its line. What is left is teardown, and there, under load,
-    about 1 run in 20 hung for good after Ctrl-C (benchmarks/RESULTS.md, "Ctrl-C under
-    load"): native thread pools (ONNX Runtime, torch/OpenMP) and the decode pool's threads
-    are finalised there, some of them stopped mid-work by the interrupt. Nothing in this
-    process needs teardown: files are closed by the kernel, the store lock with them.
+    interrupt unwound) and printed its line. What is left is teardown: joining the decode
+    pool's threads and processes, finalising native thread pools (ONNX Runtime, torch/OpenMP)
+    that the interrupt may have stopped mid-work. Issue 12 saw it hang for good, rarely, under
+    load; it also costs ~1 s after every Ctrl-C (benchmarks/RESULTS.md, "Ctrl-C under load").
+    Nothing in this process needs it: the kernel closes the files, and the store lock with them.
     """
     if not isinstance(code, int) or code not in (EXIT_SIGINT, EXIT_SIGTERM):
         return
