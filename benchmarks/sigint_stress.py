@@ -121,8 +121,9 @@ def one_run(
         rec["store_rows"] = "none yet"  # interrupted before the first commit
     else:
         rec["store_rows"] = int(check.stdout) if check.returncode == 0 else None
-    if outcome == "hang":
-        (dumps / f"hang-{tag}.stderr").write_text(err or "")
+    if outcome == "hang" or p.returncode not in (0, 130, -signal.SIGINT):
+        rec["stderr"] = (err or "")[-300:]
+        (dumps / f"{outcome}-{tag}.stderr").write_text(err or "")
     return rec
 
 

@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 from ..images.sources import FoundFile
 from ..store.read import STATUS_DELETED, STATUS_FAILED, STATUS_OK, l2_normalize, row_id
 from ..store.writer import StoreWriter
+from .local import Chunk
 from .plan import Plan
-from .pool import Chunk, Decoded
+from .pool import Decoded
 from .summary import ExtractSummary
 
 
