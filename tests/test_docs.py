@@ -67,3 +67,18 @@ def test_version_flag():
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"embedkit {embedkit.__version__}"
+
+
+def test_command_list_summaries_are_one_line_each():
+    # A wrapped first docstring paragraph used to print as ragged lines in `embedkit --help`.
+    runner = CliRunner()
+    for args in ([], ["probe"], ["report"]):
+        out = runner.invoke(app, [*args, "--help"], terminal_width=400, env={"COLUMNS": "400"})
+        assert out.exit_code == 0, out.output
+        panel = out.output.split("Commands")[1]
+        rows = [line for line in panel.splitlines() if line.startswith("│")]
+        assert rows, out.output
+        for row in rows:
+            assert row[1:].lstrip()[:1].isalpha() and "  " in row[2:].strip(), (args, row)
+            name = row[1:].split()[0]
+            assert name.replace("-", "").isalpha(), (args, row)

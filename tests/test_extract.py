@@ -168,6 +168,61 @@ def test_incremental_edit_delete_rename_copy(photo_dir, tmp_path):
     )
 
 
+def test_adding_photos_reads_no_stored_vectors(photo_dir, tmp_path, monkeypatch):
+    # Planning used to read every stored vector (~5 GB per million 1280-d rows) even when
+    # nothing could be reused; they are read only for a reuse, and only from its part.
+    st = tmp_path / "s"
+    _extract(photo_dir, st)
+    calls = []
+    real = StoreWriter.committed_rows
+
+    def spy(self, *, vectors=True):
+        calls.append(vectors)
+        return real(self, vectors=vectors)
+
+    monkeypatch.setattr(StoreWriter, "committed_rows", spy)
+    make_photo(photo_dir / "new.jpg", 555)
+    r = _extract(photo_dir, st)
+    assert (r.embedded, r.reused, r.unchanged) == (1, 0, 7)
+    assert calls and True not in calls
+
+
+def test_renames_reuse_vectors_across_compactions(photo_dir, tmp_path, monkeypatch):
+    # A renamed file's old row is tombstoned and committed early in the run; with a commit per
+    # row, compactions rewrite the store before later renames ask for their vectors.
+    import embedkit.store.writer as writer_mod
+
+    st = tmp_path / "s"
+    _extract(photo_dir, st, commit_every=1, batch_size=1)  # a part per row
+    before = open_store(st)
+    want = {p: before.vectors[before.row_of(p)].copy() for p in before.paths}
+    monkeypatch.setattr(writer_mod, "MAX_PARTS", 2)
+    (photo_dir / "moved").mkdir()
+    for p in want:  # every file to a new path under the same walked root
+        dest = photo_dir / "moved" / p
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (photo_dir / p).rename(dest)
+    compactions = []
+    real_compact = StoreWriter.compact
+
+    def compact(self):
+        compactions.append(self.pending)
+        real_compact(self)
+
+    monkeypatch.setattr(StoreWriter, "compact", compact)
+    r = _extract(photo_dir, st, commit_every=1, batch_size=1)
+    assert (r.embedded, r.reused, r.deleted) == (0, 7, 7), r
+    assert len(compactions) >= 3  # so most reuses read a part that a compaction superseded
+    store = open_store(st)
+    assert sorted(store.paths) == sorted(f"moved/{p}" for p in want)
+    for p, v in want.items():
+        np.testing.assert_array_equal(store.vectors[store.row_of(f"moved/{p}")], v)
+    # The superseded parts kept for the run are gone once it closed.
+    manifest = json.loads((st / "manifest.json").read_text())
+    named = {part["file"].split("/")[-1] for part in manifest["parts"]}
+    assert {f.name for f in (st / "parts").iterdir()} == named
+
+
 def test_single_file_runs_do_not_delete_each_other(photo_dir, tmp_path):
     st = tmp_path / "s"
     _extract(photo_dir / "img0.jpg", st)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,22 @@ def test_find_nested_folder_sorted_and_filtered(tree: Path) -> None:
     assert [f.path for f in found] == ["a-c.gif", "a/b/c.webp", "a/z.PNG", "b.jpg"]
     assert all(f.root == str(tree) for f in found)
     assert found[1].abspath == str(tree / "a" / "b" / "c.webp")
+
+
+def test_hidden_files_and_folders_skipped_and_counted(tree: Path) -> None:
+    # macOS AppleDouble files (._name.jpg: metadata, not a JPEG), thumbnail caches and trash
+    # folders are not the user's photos; walking them gave one decode failure per photo.
+    for rel in ["._b.jpg", "a/.DS_Store", ".thumbnails/b.jpg", "a/.Trash-1000/files/x.png"]:
+        p = tree / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    skipped: Counter[str] = Counter()
+    found, failures = find_images([tree], skipped=skipped)
+    assert [f.path for f in found] == ["a-c.gif", "a/b/c.webp", "a/z.PNG", "b.jpg"]
+    assert failures == [] and skipped["hidden"] == 4
+    # Named explicitly, a hidden image is the user's choice and is taken.
+    (named,), _ = find_images([tree / "._b.jpg"])
+    assert named.path == "._b.jpg"
 
 
 def test_symlink_loop_recorded_not_fatal(tree: Path) -> None:

@@ -15,8 +15,10 @@ from . import (  # noqa: F401  (registration)
     search,
     serve,
 )
-from ._app import app
+from ._app import app, one_line_summaries
 from ._kit import leave_after_signal
+
+one_line_summaries(app)
 
 __all__ = ["app", "main"]
 

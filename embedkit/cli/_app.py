@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 import typer.core
 
@@ -56,3 +58,17 @@ def _main(
     ),
 ) -> None:
     """Turn image collections into searchable, classifiable vectors."""
+
+
+def one_line_summaries(typer_app: typer.Typer) -> None:
+    """Give each command of ``typer_app`` (and of its sub-apps) a one-line summary for the
+    command list of ``--help``: the first paragraph of its docstring with the source's line
+    breaks removed (typer keeps them, so a wrapped first paragraph printed as ragged lines).
+    """
+    for info in typer_app.registered_commands:
+        doc = inspect.getdoc(info.callback) if info.callback else None
+        if info.short_help is None and doc:
+            info.short_help = " ".join(doc.split("\n\n", 1)[0].split())
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            one_line_summaries(group.typer_instance)

@@ -8,10 +8,21 @@ import os
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from ..errors import StoreError
 from ..images.sources import FoundFile
-from ..store.read import STATUS_DELETED, STATUS_FAILED, STATUS_OK, l2_normalize, row_id
+from ..store.read import (
+    PART_COLUMN,
+    ROW_COLUMN,
+    STATUS_DELETED,
+    STATUS_FAILED,
+    STATUS_OK,
+    l2_normalize,
+    row_id,
+)
 from ..store.writer import StoreWriter
 from .local import Chunk
 from .plan import Plan
@@ -51,6 +62,50 @@ def count_ok(writer: StoreWriter) -> int:
     return int(pc.sum(pc.equal(live["status"], STATUS_OK)).as_py() or 0)
 
 
+class StoredVectors:
+    """The committed vector of a content hash known when the run was planned, read from its
+    part file on first use: a run that reuses nothing (photos added to a large store) reads
+    no stored vector.
+
+    Args:
+        writer: the run's writer; its compactions keep superseded parts until it closes, so a
+            row planned from stays readable (a renamed file's old row is tombstoned and may be
+            compacted away before the new path asks for its vector).
+        committed: ``writer.committed_rows(vectors=False)`` at planning time (it carries each
+            row's part and row number).
+    """
+
+    def __init__(self, writer: StoreWriter, committed: pa.Table) -> None:
+        writer.keep_superseded_parts = True
+        ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
+        self._path, self._dim = writer.path, writer.dim
+        self._files = [p["file"] for p in (writer.manifest or {}).get("parts", [])]
+        self._where: dict[str, tuple[int, int]] = {}
+        if ok.num_rows:  # (a new store's empty table has no part/row columns)
+            part, row = ok[PART_COLUMN].to_numpy(), ok[ROW_COLUMN].to_numpy()
+            for n, h in enumerate(ok["content_hash"].to_pylist()):
+                if h:
+                    self._where[h] = (int(part[n]), int(row[n]))
+        self._columns: dict[int, pa.ChunkedArray] = {}
+
+    @property
+    def parts_read(self) -> int:
+        """How many part files were read for their vectors (0 when nothing was reused)."""
+        return len(self._columns)
+
+    def get(self, content_hash: str) -> np.ndarray:
+        """(1, D) float32: the stored vector of ``content_hash``."""
+        part, row = self._where[content_hash]
+        if part not in self._columns:
+            file = self._path / self._files[part]
+            try:
+                self._columns[part] = pq.read_table(file, columns=["embedding"])["embedding"]
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"cannot read part {file}: {exc}; the store is damaged") from None
+        flat = self._columns[part].take(pa.array([row])).combine_chunks().flatten()
+        return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(1, self._dim)
+
+
 class Rows:
     """Turns engine chunks into store rows, and commits every ``commit_every`` rows."""
 
@@ -60,13 +115,13 @@ class Rows:
         normalize: bool,
         commit_every: int,
         summary: ExtractSummary,
-        known_vectors: np.ndarray,
+        stored: StoredVectors,
         known: dict[str, int],
         known_meta: dict[str, list[Any]],
     ) -> None:
         self.writer, self.normalize = writer, normalize
         self.commit_every, self.summary = commit_every, summary
-        self.known_vectors, self.known, self.known_meta = known_vectors, known, known_meta
+        self.stored, self.known, self.known_meta = stored, known, known_meta
         # Files of this run that may have byte-identical copies in it (their size is shared),
         # and the stored vectors of those embedded so far, by content hash.
         self.copy_sizes: set[int] = set()
@@ -89,7 +144,7 @@ class Rows:
                 if r.content_hash in self.known:  # stored before this run
                     src = self.known[r.content_hash]
                     w, h, nf = (self.known_meta[c][src] for c in ("width", "height", "n_frames"))
-                    vector = self.known_vectors[src : src + 1]
+                    vector = self.stored.get(r.content_hash)
                 else:  # a copy of a file embedded earlier in this run (the engine said so)
                     w, h, nf = r.width, r.height, r.n_frames
                     vector = self.run_vectors[r.content_hash]

@@ -31,7 +31,6 @@ from ..store.read import (
     live_rows,
     read_manifest,
     storable,
-    vectors_of,
 )
 from ..store.writer import StoreWriter
 from .cores import (
@@ -43,7 +42,7 @@ from .cores import (
 )
 from .local import Engine, LocalEngine
 from .plan import plan_run
-from .rows import Rows, count_ok, record_deleted_and_failed
+from .rows import Rows, StoredVectors, count_ok, record_deleted_and_failed
 from .summary import ExtractSummary as ExtractSummary  # re-exported: the run returns it
 
 ENGINES = ("local", "ray")
@@ -323,18 +322,21 @@ def _extract(
     with StoreWriter(store, metadata) as writer:
         if emb.head is not None:
             writer.save_head(*emb.head)
-        committed = writer.committed_rows()
+        # Planning reads no vectors: a run that adds photos to a large store reuses none, and
+        # reading them all cost ~5 GB of reads and RAM per million 1280-d rows.
+        committed = writer.committed_rows(vectors=False)
         plan = plan_run(found, walked_roots, skipped_dirs, committed)
         summary.unchanged = plan.unchanged
-        # Vectors by content hash, for renamed, copied or touched files.
+        # Content hashes already stored, for renamed, copied or touched files; their vectors
+        # are read on the first reuse (StoredVectors).
         ok = committed.filter(pc.equal(committed["status"], STATUS_OK))
-        known_vectors = vectors_of(ok, emb.dim)
         known = {h: n for n, h in enumerate(ok["content_hash"].to_pylist()) if h}
 
         record_deleted_and_failed(writer, plan, scan_failures, summary)
 
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
-        rows = Rows(writer, normalize, commit_every, summary, known_vectors, known, known_meta)
+        stored = StoredVectors(writer, committed)
+        rows = Rows(writer, normalize, commit_every, summary, stored, known, known_meta)
         # Byte-identical files of this run have the same size: only files whose size occurs
         # more than once can be copies, and only their vectors are kept for reuse.
         sizes = Counter(st.st_size for _, st in plan.todo)

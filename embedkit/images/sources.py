@@ -31,7 +31,7 @@ _PLUGIN_SUFFIXES = {".heic": "heic", ".heif": "heic", ".avif": "avif"}
 
 # Why a file in a walked folder was not taken: kind -> how the warning names it.
 SKIP_KINDS = {
-    "hidden": "hidden",
+    "hidden": "hidden (name starts with '.')",
     "raw": "camera RAW (no decoder)",
     "heic": "HEIC/HEIF (pip install pillow-heif)",
     "avif": "AVIF (Pillow built without libavif)",
@@ -46,8 +46,6 @@ def skip_kind(name: str) -> str:
         return "raw"
     if suffix in _PLUGIN_SUFFIXES:
         return _PLUGIN_SUFFIXES[suffix]
-    # .DS_Store, .picasa.ini, ._IMG_1.jpg from macOS; a hidden file with an image suffix is
-    # still taken, only hidden non-images are counted here.
     return "hidden" if name.startswith(".") else "other"
 
 
@@ -86,8 +84,9 @@ def find_images(
 ) -> tuple[list[FoundFile], list[ScanFailure]]:
     """Expand folders, image files and list files into the image files to decode.
 
-    A folder is walked recursively (following symlinked folders, recording loops); files
-    whose lowercased suffix is not in ``IMAGE_SUFFIXES`` are ignored. A ``.txt`` list file
+    A folder is walked recursively (following symlinked folders, recording loops); hidden
+    files and folders (name starting with ``.``) and files whose lowercased suffix is not in
+    ``IMAGE_SUFFIXES`` are ignored. A ``.txt`` list file
     holds one path per line (blank lines and ``#`` comments ignored); a ``.csv`` list file
     uses its ``path`` column, or its first column when the header has none. Relative list
     entries are resolved against the list file's folder. The same absolute path is returned
@@ -96,7 +95,8 @@ def find_images(
     Args:
         sources: folders, image files and list files; a single path is accepted too.
         skipped: when given, counts the files of walked folders that were not taken, by
-            ``skip_kind`` (hidden, camera RAW, HEIC/AVIF without a plugin, other suffixes).
+            ``skip_kind`` (hidden files and folders, camera RAW, HEIC/AVIF without a plugin,
+            other suffixes).
 
     Returns:
         The files found (in source order, each source sorted by path) and the failures.
@@ -221,6 +221,13 @@ def _walk(
         subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith("."):
+                # Hidden files and folders of a walked tree are not the user's photos: macOS
+                # writes ._IMG_1.jpg (AppleDouble metadata, not a JPEG) beside every photo on a
+                # non-Apple disk, and .thumbnails/.Trash-1000/.git hold copies or caches. Each is
+                # counted once; a hidden file named explicitly (or in a list file) is taken.
+                skipped["hidden"] += 1
+                continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:

@@ -336,6 +336,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 _PART, _ROW = "__part", "__row"  # where a row was read from (open_store(vectors=False))
+PART_COLUMN, ROW_COLUMN = _PART, _ROW  # public names (StoreWriter.committed_rows(vectors=False))
 
 
 def _read_parts(path: Path, manifest: dict[str, Any], vectors: bool = True) -> pa.Table:

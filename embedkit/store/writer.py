@@ -119,6 +119,12 @@ class StoreWriter:
         self._buffer: list[pa.RecordBatch] = []
         self._schema = store_schema(self.dim, self.metadata)
         self._manifest: dict[str, Any] | None = None
+        # While True, compaction leaves the superseded part files on disk until ``close``: a
+        # run that reads rows it planned from (extraction.rows.StoredVectors) can still read
+        # them. Readers never see them (they are not in the manifest); a writer killed before
+        # ``close`` leaves orphans that the next writer's ``open`` removes.
+        self.keep_superseded_parts = False
+        self._superseded: list[Path] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
@@ -173,6 +179,9 @@ class StoreWriter:
             raise
 
     def close(self) -> None:
+        for f in self._superseded:
+            f.unlink(missing_ok=True)
+        self._superseded = []
         self._release_lock()
 
     def _acquire_lock(self) -> None:
@@ -204,6 +213,11 @@ class StoreWriter:
             f.unlink(missing_ok=True)
 
     # -- state -----------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The last committed manifest (None before the first commit)."""
+        return self._manifest
+
     @property
     def version(self) -> int:
         return int(self._manifest["version"]) if self._manifest else 0
@@ -308,7 +322,10 @@ class StoreWriter:
         live = live_rows(_read_parts(self.path, self._manifest))
         self._publish([self._write_part(live)])
         for part in old_parts:
-            (self.path / part["file"]).unlink(missing_ok=True)
+            if self.keep_superseded_parts:
+                self._superseded.append(self.path / part["file"])
+            else:
+                (self.path / part["file"]).unlink(missing_ok=True)
 
     def _write_part(self, table: pa.Table) -> dict[str, Any]:
         name = f"part-{self.version + 1:08d}-{uuid.uuid4().hex[:12]}.parquet"
