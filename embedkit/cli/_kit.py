@@ -59,11 +59,12 @@ def leave_after_signal(code: object) -> None:
     the interpreter's teardown; return otherwise.
 
     By then the command has committed its work (the library's ``finally`` blocks ran while the
-    interrupt unwound) and printed its line. What is left is teardown: joining the decode
-    pool's threads and processes, finalising native thread pools (ONNX Runtime, torch/OpenMP)
-    that the interrupt may have stopped mid-work. Issue 12 saw it hang for good, rarely, under
-    load; it also costs ~1 s after every Ctrl-C (benchmarks/RESULTS.md, "Ctrl-C under load").
-    Nothing in this process needs it: the kernel closes the files, and the store lock with them.
+    interrupt unwound) and printed its line. What is left is teardown: ``Py_FinalizeEx``, then
+    ``exit()`` running ONNX Runtime's static C++ destructors (its environment and thread pool)
+    while an ORT pool thread may still be waiting: no Python frames, ~1.5 s after every Ctrl-C
+    here, and the place issue 12 saw hang for good under load (benchmarks/RESULTS.md, "Ctrl-C
+    under load"). Nothing in this process needs it: the kernel closes the files, and the store
+    lock with them.
     """
     if not isinstance(code, int) or code not in (EXIT_SIGINT, EXIT_SIGTERM):
         return
