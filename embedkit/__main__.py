@@ -1,5 +1,5 @@
 """``python -m embedkit``: the same CLI as the ``embedkit`` script."""
 
-from .cli import app
+from .cli import main
 
-app()
+main()

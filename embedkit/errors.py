@@ -35,6 +35,10 @@ class StoreMismatchError(StoreError):
     """The store was made with another model, weights or preprocessing."""
 
 
+class StoreChangedError(StoreError):
+    """A store opened without its vectors changed those rows before they were read."""
+
+
 class IndexStateError(EmbedkitError):
     """An index is missing, corrupt, or was built from another store state."""
 

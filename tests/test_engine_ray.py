@@ -241,3 +241,25 @@ def test_cli_engine_ray_string(ray_address, tmp_path):
         app, ["extract", str(src), "--store", str(tmp_path / "t"), "--engine", "spark"]
     )
     assert bad.exit_code == 1 and "local|ray" in bad.stderr
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_byte_identical_files_in_one_run_are_embedded_once(ray_address, tmp_path):
+    src = _photos(tmp_path / "photos", 6)
+    # 4 files per block: a.jpg lands in another block than 001.jpg, b.jpg in 004.jpg's block.
+    for name in ("a.jpg", "z.jpg"):
+        shutil.copy(src / "001.jpg", src / name)
+    shutil.copy(src / "004.jpg", src / "b.jpg")
+    s = _ray(src, tmp_path / "ray")
+    assert (s.embedded, s.reused) == (6, 3)
+    store = open_store(tmp_path / "ray")
+    assert len(store) == 9
+    for original, names in (("001.jpg", ("a.jpg", "z.jpg")), ("004.jpg", ("b.jpg",))):
+        for name in names:
+            np.testing.assert_array_equal(
+                store.vectors[store.row_of(name)], store.vectors[store.row_of(original)]
+            )
+    local = _local(src, tmp_path / "local")
+    assert (local.embedded, local.reused) == (6, 3)
+    _same_store(tmp_path / "ray", tmp_path / "local")

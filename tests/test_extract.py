@@ -444,7 +444,7 @@ def test_signal_to_the_main_process_commits_and_stops_the_workers_promptly(
     script.write_text(
         "import sys\nfrom embedkit.extraction import run\n"
         "run.extract.__kwdefaults__['commit_every'] = 2\n"
-        "from embedkit.cli import app\nsys.exit(app())\n"
+        "from embedkit.cli import main\nmain()\n"
     )
     cmd = [sys.executable, str(script), "extract", str(src), "--store", str(st),
            "--model", TINY, "--random-init", "--workers", "2", "--batch-size", "1",

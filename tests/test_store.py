@@ -623,3 +623,43 @@ def test_open_store_reads_the_new_commit_when_compaction_removes_parts_under_it(
         f.write_bytes(b"not parquet")
     with pytest.raises(StoreError, match="damaged"):
         open_(tmp_path / "s")
+
+
+def test_lazy_store_reads_its_vectors_after_a_compaction_removed_its_parts(tmp_path: Path) -> None:
+    """``open_store(vectors=False)`` keeps part names; a writer compacting before the vectors
+    are read deleted those parts ('the store is damaged'). Unchanged rows are now read from
+    the new commit; a row replaced since is a StoreChangedError that says to reopen."""
+    from embedkit.errors import StoreChangedError
+
+    p = tmp_path / "s"
+
+    def add(w: StoreWriter, i: int, value: float, digest: str) -> None:
+        w.add(ids=[i], roots=["/r"], paths=[f"{i}.jpg"], status=["ok"], content_hash=[digest],
+              embedding=np.full((1, DIM), value, np.float32))  # fmt: skip
+        w.commit()
+
+    with StoreWriter(p, _meta()) as w:
+        for i in range(3):
+            add(w, i, i, f"h{i}")
+    lazy = open_store(p, vectors=False)
+    parts = set((p / "parts").glob("*.parquet"))
+    with StoreWriter(p, _meta()) as w:
+        w.compact()
+    assert not parts & set((p / "parts").glob("*.parquet"))  # the opened commit's parts are gone
+    want = np.stack([np.full(DIM, i, np.float32) for i in lazy.ids])
+    np.testing.assert_array_equal(lazy.vectors_at([2, 0]), want[[2, 0]])
+    np.testing.assert_array_equal(lazy.vectors, want)
+
+    lazy = open_store(p, vectors=False)
+    with StoreWriter(p, _meta()) as w:
+        add(w, 1, 10.0, "h1-edited")  # 1.jpg was edited: another file, another vector
+        w.compact()
+    np.testing.assert_array_equal(lazy.vectors_at([lazy.row_of("0.jpg")]), want[[0]])
+    with pytest.raises(StoreChangedError, match="1 of the 2 rows .* open it again"):
+        lazy.vectors_at([lazy.row_of("1.jpg"), lazy.row_of("2.jpg")])
+    # Real damage at the commit still current is still damage.
+    lazy = open_store(p, vectors=False)
+    for f in (p / "parts").glob("*.parquet"):
+        f.write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="damaged"):
+        lazy.vectors_at([0])

@@ -1,5 +1,5 @@
 """``python -m embedkit.cli``: the same CLI as the ``embedkit`` script."""
 
-from . import app
+from . import main
 
-app()
+main()

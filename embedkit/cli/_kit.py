@@ -7,9 +7,11 @@ into one line on stderr and exit code 1 by ``run_command``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -50,6 +52,26 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 # Exit statuses of a process ended by a signal, as shells report them: 128 + the signal number.
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+def leave_after_signal(code: object) -> None:
+    """End this process now with ``code`` when it is a signal's status (130 / 143), skipping
+    the interpreter's teardown; return otherwise.
+
+    By then the command has committed its work (the library's ``finally`` blocks ran while the
+    interrupt unwound) and printed its line. What is left is teardown: ``Py_FinalizeEx``, then
+    ``exit()`` running ONNX Runtime's static C++ destructors (its environment and thread pool)
+    while an ORT pool thread may still be waiting: no Python frames, ~1.5 s after every Ctrl-C
+    here, and the place issue 12 saw hang for good under load (benchmarks/RESULTS.md, "Ctrl-C
+    under load"). Nothing in this process needs it: the kernel closes the files, and the store
+    lock with them.
+    """
+    if not isinstance(code, int) or code not in (EXIT_SIGINT, EXIT_SIGTERM):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_command(func: F) -> F:

@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol, cast
 
 import numpy as np
 
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..models.preprocess import Preprocess
+from .copies import RunCopies
 from .cores import balanced_split
+from .pool import Chunk as Chunk  # re-exported: the engines' unit of results
 from .pool import Decoded, DecodePool
-
-
-@dataclass
-class Chunk:
-    """Results for some files. ``vectors`` holds one row per ``ok`` result, in order."""
-
-    keys: list[int]
-    results: list[Decoded]
-    vectors: np.ndarray | None
 
 
 class Engine(Protocol):
@@ -85,8 +78,7 @@ class LocalEngine:
         window = self._window()
         keys: list[int] = []
         results: list[Decoded] = []
-        embedded: set[str] = set()  # content hashes sent to the model in this run
-        copies: list[tuple[int, Decoded]] = []  # copies waiting for their original's chunk
+        copies = RunCopies()  # byte-identical files of this run: embedded once
         with DecodePool(
             self.workers,
             self.model.preprocess,
@@ -97,25 +89,25 @@ class LocalEngine:
                 if r.status != "ok":
                     yield Chunk([key], [r], None)
                     continue
-                if r.content_hash is not None and r.content_hash in embedded:
-                    # A byte-identical copy of a file of this run: not embedded again; its
-                    # "reuse" follows the chunk that carries the original's vector.
-                    copies.append((key, _as_copy(r)))
-                    continue
-                if r.content_hash is not None:
-                    embedded.add(r.content_hash)
+                if copies.is_copy(key, r):
+                    continue  # held: it follows the chunk that carries its original's vector
                 keys.append(key)
                 results.append(r)
                 if self._balancing:
                     self._decode_s.append(r.seconds)
                 if len(keys) >= self.batch_size:
-                    yield self._forward(keys, results)
+                    chunk = self._forward(keys, results)
+                    yield chunk
                     keys, results = [], []
-                    yield from _flush(copies)
+                    yield from copies.after(chunk)
                     self._maybe_balance(pool)
         if keys:
-            yield self._forward(keys, results)
-        yield from _flush(copies)
+            chunk = self._forward(keys, results)
+            yield chunk
+            yield from copies.after(chunk)
+        yield from copies.ready()  # copies that came after their original's last chunk
+        # Every original was in a yielded chunk: a copy is held only after its original's claim.
+        assert not copies.orphans()
 
     def _window(self) -> int:
         # Enough files in flight to fill the next batch while this one runs, and to keep
@@ -165,15 +157,3 @@ class LocalEngine:
         # (replace keeps everything else, e.g. the decode warnings an ok row records in detail)
         slim = [replace(r, pixels=None) for r in results]
         return Chunk(keys, slim, vectors)
-
-
-def _as_copy(r: Decoded) -> Decoded:
-    """A decoded copy of a file embedded in this run, as a "reuse" result (no pixels)."""
-    return replace(r, status="reuse", pixels=None, seconds=0.0)
-
-
-def _flush(copies: list[tuple[int, Decoded]]) -> Iterator[Chunk]:
-    """Yield the held copies (their originals' chunks were yielded before) and forget them."""
-    if copies:
-        yield Chunk([k for k, _ in copies], [r for _, r in copies], None)
-        copies.clear()

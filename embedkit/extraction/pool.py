@@ -52,6 +52,15 @@ class Decoded:
     seconds: float = 0.0  # wall time the worker spent on an "ok" file (for the thread policy)
 
 
+@dataclass
+class Chunk:
+    """Results for some files. ``vectors`` holds one row per ``ok`` result, in order."""
+
+    keys: list[int]
+    results: list[Decoded]
+    vectors: np.ndarray | None
+
+
 # Content hashes whose vectors the store already has. Set in the parent before the pool forks,
 # so workers inherit it without pickling (copy-on-write).
 _KNOWN_HASHES: frozenset[str] = frozenset()

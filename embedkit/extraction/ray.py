@@ -11,6 +11,10 @@ only turns ``(key, path)`` tasks into decoded results and vectors:
 4. results stream back to the driver (``iter_batches``) as ``Chunk``s, which ``extract`` commits
    through the same ``StoreWriter``, so the store is the local engine's format by construction.
 
+Byte-identical files of one run are embedded once, as locally (``copies``): the decode tasks
+claim each content hash from one ``Claims`` actor, a copy leaves decoding as a "reuse" result
+without pixels, and the driver yields it after the chunk that carries its original's vector.
+
 Failures: a bad file is a ``failed`` row with its reason, as locally (``decode_file`` never
 raises). A worker or actor that dies is retried by Ray (Ray Data restarts pool actors and
 retries their tasks; tasks are retried on system failures). A block that still fails is
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,8 +42,8 @@ from ..errors import InvalidArgumentError, WeightsMismatchError
 from ..images.decode import DEFAULT_MAX_PIXELS
 from ..models.preprocess import Preprocess
 from . import pool as decode
-from .local import Chunk
-from .pool import Decoded
+from .copies import Claims, RunCopies, as_copy
+from .pool import Chunk, Decoded
 from .ray_cluster import connect, default_log_file, quiet, say
 from .ray_fit import PoolPlan, alive_nodes, check_readable, fit, plan_pool
 from .ray_fit import resource_wait_s as _resource_wait_s
@@ -82,14 +87,31 @@ def require_ray() -> Any:
 
 
 def _decode_block(
-    batch: pa.Table, preprocess: Preprocess, max_pixels: int, known: frozenset[str]
+    batch: pa.Table,
+    preprocess: Preprocess,
+    max_pixels: int,
+    known: frozenset[str],
+    claims: Any = None,
 ) -> pa.Table:
-    """Ray map task: decode every file of a block (never raises for a bad file)."""
+    """Ray map task: decode every file of a block (never raises for a bad file).
+
+    With ``claims`` (a ``copies.Claims`` actor), a file whose content hash another file of the
+    run claimed first becomes a "reuse" result without pixels: the model never sees it.
+    """
     # decode_file skips files whose content hash is already stored ("reuse").
     decode._KNOWN_HASHES = known
+    keys = batch["key"].to_pylist()
+    results = [decode.decode_file(p, preprocess, max_pixels) for p in batch["path"].to_pylist()]
+    ok = [(i, r.content_hash) for i, r in enumerate(results) if r.status == "ok" and r.content_hash]
+    if claims is not None and ok:
+        import ray
+
+        owners = ray.get(claims.claim.remote([(keys[i], digest) for i, digest in ok]))
+        for (i, _), owner in zip(ok, owners, strict=True):
+            if owner != keys[i]:
+                results[i] = as_copy(results[i])
     cols: dict[str, list[Any]] = {name: [] for name in _RESULT_SCHEMA.names}
-    for key, path in zip(batch["key"].to_pylist(), batch["path"].to_pylist(), strict=True):
-        r = decode.decode_file(path, preprocess, max_pixels)
+    for key, r in zip(keys, results, strict=True):
         cols["key"].append(key)
         for name in ("status", "content_hash", "width", "height", "n_frames", "reason", "detail"):
             cols[name].append(getattr(r, name))
@@ -233,11 +255,31 @@ class RayEngine:
             check_readable(ray, [p for _, p in tasks], alive_nodes(ray))
         preprocess = self.preprocess or self._driver_preprocess()
         seen: set[int] = set()
-        per_block = self.files_per_block
-        yield from self._pass(ray, tasks, known_hashes, preprocess, seen, per_block, pool)
-        missing = [t for t in tasks if t[0] not in seen]
-        if missing:  # blocks lost twice over: retry one file per block
-            yield from self._pass(ray, missing, known_hashes, preprocess, seen, 1, pool)
+        copies = RunCopies()
+        # One claims actor per run (no CPU: it only answers dict look-ups), so that each content
+        # hash is embedded once even when its copies are decoded on different nodes.
+        claims = ray.remote(num_cpus=0)(Claims).remote()
+        run = partial(
+            self._pass,
+            ray,
+            known=known_hashes,
+            preprocess=preprocess,
+            seen=seen,
+            pool=pool,
+            copies=copies,
+        )
+        try:
+            yield from run(tasks, per_block=self.files_per_block, claims=claims)
+            missing = [t for t in tasks if t[0] not in seen]
+            if missing:  # blocks lost twice over: retry one file per block
+                yield from run(missing, per_block=1, claims=claims)
+        finally:
+            with contextlib.suppress(Exception):
+                ray.kill(claims)
+        orphans = set(copies.orphans())
+        if orphans:  # copies whose original failed after claiming its hash: embed them
+            seen -= orphans
+            yield from run([t for t in tasks if t[0] in orphans], per_block=1, claims=None)
         for key, _ in tasks:
             if key not in seen:
                 seen.add(key)
@@ -290,11 +332,14 @@ class RayEngine:
         self,
         ray: Any,
         tasks: Sequence[tuple[int, str]],
+        *,
         known: frozenset[str],
         preprocess: Preprocess,
         seen: set[int],
         per_block: int,
         pool: PoolPlan,
+        copies: RunCopies,
+        claims: Any,
     ) -> Iterator[Chunk]:
         actors, gpus, bs = pool.actors, pool.gpus_per_actor, pool.batch_size
         ctx = ray.data.DataContext.get_current()
@@ -313,7 +358,12 @@ class RayEngine:
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=1,
-            fn_kwargs={"preprocess": preprocess, "max_pixels": self.max_pixels, "known": known},
+            fn_kwargs={
+                "preprocess": preprocess,
+                "max_pixels": self.max_pixels,
+                "known": known,
+                "claims": claims,
+            },
             # Bounded retries on a dead worker, so a file that kills its decoder cannot loop
             # forever. Also keeps Ray Data from fusing decoding into the model actors (it fuses
             # maps whose remote args match), which would serialise decoding on the GPU hosts.
@@ -347,9 +397,11 @@ class RayEngine:
                 say,
                 on_abandon=lambda: no_auto_init(ray),
             ):
-                chunk = _to_chunk(batch, seen)
+                # Copies marked on the cluster wait for the chunk with their original's vector.
+                chunk = copies.hold_marked(_to_chunk(batch, seen), known)
                 if chunk.keys:
                     yield chunk
+                yield from copies.after(chunk)
         finally:
             with contextlib.suppress(Exception):
                 ctx.max_errored_blocks = old_errors

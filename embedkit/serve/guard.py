@@ -18,6 +18,7 @@ from ..errors import (
     IndexStateError,
     InvalidArgumentError,
     ProbeError,
+    StoreChangedError,
     StoreLockedError,
     WeightsUnavailableError,
 )
@@ -42,7 +43,10 @@ class ApiError(Exception):
 def _status_of(exc: EmbedkitError) -> int:
     if isinstance(exc, MissingFileError):
         return 404
-    if isinstance(exc, (StoreLockedError, IndexStateError, ProbeError, WeightsUnavailableError)):
+    if isinstance(
+        exc,
+        (StoreLockedError, StoreChangedError, IndexStateError, ProbeError, WeightsUnavailableError),
+    ):
         return 409  # the store (or its model) cannot answer this now; the message says why
     if isinstance(exc, InvalidArgumentError):
         return 400

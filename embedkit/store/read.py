@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import StoreError
+from ..errors import StoreChangedError, StoreError
 from . import cache
 
 FORMAT_NAME = "embedkit-store"
@@ -145,6 +145,8 @@ class Store:
     _by_id: dict[int, int] | None = field(default=None, repr=False)
     _by_path: tuple[dict[str, int], dict[str, int]] | None = field(default=None, repr=False)
     _lookups: int = field(default=0, repr=False)
+    # The later commit the vectors are read from once a writer replaced the opened one's parts.
+    _later: Store | None = field(default=None, repr=False)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -155,10 +157,31 @@ class Store:
         return self._vectors
 
     def vectors_at(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 (len(rows), D) vectors of some ok rows, reading only the parts they are in."""
+        """float32 (len(rows), D) vectors of some ok rows, reading only the parts they are in.
+
+        Opened with ``vectors=False``, the store reads the parts of the commit it opened. When
+        a writer has since replaced them (a compaction deletes them), the rows are read from
+        the current commit, where each must still be an ok row with the same id and content
+        hash: the same vector.
+
+        Raises:
+            StoreChangedError: the store changed some of these rows since it was opened.
+            StoreError: a part of the commit that is still current is damaged.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if self._vectors is not None:
             return np.ascontiguousarray(self._vectors[rows])
+        if self._later is None:
+            try:
+                return self._read_at(rows)
+            except StoreError:
+                now = read_manifest(self.path)
+                if now is None or int(now["version"]) == self.version:
+                    raise  # the commit we opened is still the current one: really damaged
+                self._later = open_store(self.path, vectors=False)
+        return self._later_vectors_at(rows)
+
+    def _read_at(self, rows: np.ndarray) -> np.ndarray:
         assert self._where is not None  # open_store sets it
         files, part_of, row_in_part = self._where
         out = np.empty((len(rows), self.dim), dtype=np.float32)
@@ -172,6 +195,26 @@ class Store:
             taken = col.take(pa.array(row_in_part[rows[sel]])).combine_chunks()
             out[sel] = taken.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
         return out
+
+    def _later_vectors_at(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows`` from the later commit ``_later``, where they must be the
+        same rows (ok, same id, same content hash) made by the same model."""
+        later = self._later
+        assert later is not None
+        at = later.rows_of_ids(self.ids[rows])
+        same = at >= 0
+        if later.fingerprint == self.fingerprint:
+            for n in np.nonzero(same)[0]:
+                same[n] = later.hashes[at[n]] == self.hashes[rows[n]]
+        else:
+            same[:] = False
+        if not same.all():
+            raise StoreChangedError(
+                f"store {self.path} changed since it was opened (version {self.version}, now "
+                f"{later.version}): {int((~same).sum())} of the {len(rows)} rows asked for were "
+                "replaced or removed; open it again (open_store) to read the current rows"
+            )
+        return later.vectors_at(at)
 
     def rows_of_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row of each id in the ok arrays, -1 for ids not stored (no dict: O(N) int64s)."""
