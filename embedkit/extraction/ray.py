@@ -89,7 +89,8 @@ def _decode_block(
     decode._KNOWN_HASHES = known
     cols: dict[str, list[Any]] = {name: [] for name in _RESULT_SCHEMA.names}
     for key, path in zip(batch["key"].to_pylist(), batch["path"].to_pylist(), strict=True):
-        r = decode.decode_file(path, preprocess, max_pixels)
+        # Ray's result rows carry no fingerprints: duplicates decodes the files instead.
+        r = decode.decode_file(path, preprocess, max_pixels, pixelprint=False)
         cols["key"].append(key)
         for name in ("status", "content_hash", "width", "height", "n_frames", "reason", "detail"):
             cols[name].append(getattr(r, name))

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..images.sources import FoundFile
+from ..store.pixels import PrintSink
 from ..store.read import STATUS_DELETED, STATUS_FAILED, STATUS_OK, l2_normalize, row_id
 from ..store.writer import StoreWriter
 from .local import Chunk
@@ -71,6 +72,8 @@ class Rows:
         # and the stored vectors of those embedded so far, by content hash.
         self.copy_sizes: set[int] = set()
         self.run_vectors: dict[str, np.ndarray] = {}
+        # Pixel fingerprints of the decoded files, written as a segment at each commit.
+        self.prints: PrintSink | None = None
 
     def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
         ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
@@ -79,6 +82,9 @@ class Rows:
             vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
             self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
             self.summary.embedded += len(ok)
+            if self.prints is not None:
+                for i in ok:
+                    self.prints.add(chunk.results[i].content_hash, chunk.results[i].pixelprint)
             for n, i in enumerate(ok):
                 digest = chunk.results[i].content_hash
                 if files[i][1].st_size in self.copy_sizes and digest is not None:
@@ -105,6 +111,11 @@ class Rows:
                 self.summary.failed[r.reason or "decode_error"] += 1
         if self.writer.pending >= self.commit_every:
             self.writer.commit()
+            self.flush_prints()
+
+    def flush_prints(self) -> None:
+        if self.prints is not None:
+            self.prints.flush()
 
     def _add(
         self,
