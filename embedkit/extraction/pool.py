@@ -34,7 +34,6 @@ from ..images.decode import (
     warnings_detail,
 )
 from ..images.model_input import load_model_input
-from ..images.pixelprint import PixelPrint
 from ..models.preprocess import Preprocess
 
 
@@ -51,7 +50,7 @@ class Decoded:
     reason: str | None = None
     detail: str | None = None
     seconds: float = 0.0  # wall time the worker spent on an "ok" file (for the thread policy)
-    pixelprint: PixelPrint | None = None  # for near-duplicate checks (store.pixels)
+    views: np.ndarray | None = None  # uint8 grey views for pixel fingerprints (store.pixels)
 
 
 # Content hashes whose vectors the store already has. Set in the parent before the pool forks,
@@ -98,7 +97,7 @@ def decode_file(
         # Non-fatal problems (corrupt EXIF, unreadable trailing chunks) stay with the row.
         detail=warnings_detail(mi.warnings),
         seconds=time.perf_counter() - t0,
-        pixelprint=mi.pixelprint,
+        views=mi.views,
     )
 
 

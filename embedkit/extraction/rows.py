@@ -84,7 +84,7 @@ class Rows:
             self.summary.embedded += len(ok)
             if self.prints is not None:
                 for i in ok:
-                    self.prints.add(chunk.results[i].content_hash, chunk.results[i].pixelprint)
+                    self.prints.add(chunk.results[i].content_hash, chunk.results[i].views)
             for n, i in enumerate(ok):
                 digest = chunk.results[i].content_hash
                 if files[i][1].st_size in self.copy_sizes and digest is not None:

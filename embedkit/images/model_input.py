@@ -26,7 +26,7 @@ from .decode import (
     open_rgb,
     read_image_file,
 )
-from .pixelprint import PixelPrint, pixel_print
+from .pixelprint import grey_views
 
 
 class Crop(Protocol):
@@ -51,7 +51,8 @@ class ModelInput:
         n_frames: frames or pages in the file; only the first is used.
         content_hash: sha256 hex of the file's bytes (the store's ``content_hash``).
         warnings: non-fatal problems (corrupt EXIF, unreadable trailing PNG chunks, ...).
-        pixelprint: the decoded image's pixel fingerprint, when asked for.
+        views: uint8 (2, 32, 32): the grey views the decoded image's pixel fingerprint is
+            computed from (``images.pixelprint``), when asked for.
     """
 
     pixels: np.ndarray
@@ -60,7 +61,7 @@ class ModelInput:
     n_frames: int
     content_hash: str
     warnings: list[str] = field(default_factory=list)
-    pixelprint: PixelPrint | None = None
+    views: np.ndarray | None = None
 
 
 def load_model_input(
@@ -82,8 +83,8 @@ def load_model_input(
             entry path leaves it on; ``False`` is for measuring what the draft costs.
         digest: the sha256 hex of ``source`` when the caller already computed it (a decode
             worker hashes first to skip files whose vector is already stored).
-        pixelprint: also fingerprint the decoded image (``images.pixelprint``) for
-            near-duplicate checks: what ``index.verify`` computes from the file with this
+        pixelprint: also take the grey views of the decoded image (``images.pixelprint``)
+            for near-duplicate checks: what ``index.verify`` computes from the file with this
             draft size, without decoding it again.
 
     Raises:
@@ -98,12 +99,12 @@ def load_model_input(
         raise
     except Exception as e:  # a resize bug on one odd image must cost that file, not the run
         raise ImageDecodeError("decode_error", _describe(e)) from e
-    fp = None
+    views = None
     if pixelprint:
         try:
-            fp = pixel_print(img.image)
-        except Exception:  # noqa: BLE001 - no fingerprint costs a second decode later, not the file
-            fp = None
+            views = grey_views(img.image)
+        except Exception:  # noqa: BLE001 - no views costs a second decode later, not the file
+            views = None
     return ModelInput(
         pixels=pixels,
         width=img.width,
@@ -111,5 +112,5 @@ def load_model_input(
         n_frames=img.n_frames,
         content_hash=digest if digest is not None else content_hash(data),
         warnings=img.warnings,
-        pixelprint=fp,
+        views=views,
     )

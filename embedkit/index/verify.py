@@ -25,8 +25,8 @@ from ..images.pixelprint import (
     VIEWS,
     PixelPrint,
     grey_views,
-    hash_views,
     orientations,
+    pixel_prints,
     trim_flat_border,
 )
 
@@ -145,15 +145,9 @@ def fingerprints(
                     fp.errors[where[start + i]] = v
             if not good:
                 continue
-            grey = np.concatenate([block[i] for i in good])  # type: ignore[misc]
-            ph, th, dh = hash_views(grey)
-            nv = len(VIEWS)
-            for j, i in enumerate(good):
-                views = slice(j * nv, (j + 1) * nv)
-                fp.put(
-                    where[start + i],
-                    PixelPrint(ph[views], th[views].astype(np.float16), dh[views]),
-                )
+            prints = pixel_prints(np.stack([block[i] for i in good]))  # type: ignore[misc]
+            for i, one in zip(good, prints, strict=True):
+                fp.put(where[start + i], one)
     return fp
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..images.pixelprint import N_ORIENT, RECIPE, THUMB, VIEWS, PixelPrint
+from ..images.pixelprint import N_ORIENT, RECIPE, THUMB, VIEWS, PixelPrint, pixel_prints
 
 PIXELS_DIR = "pixels"
 SEGMENT_KEY = b"embedkit-pixels"
@@ -186,20 +186,23 @@ def _column(batch: pa.RecordBatch, i: int, shape: tuple[int, ...]) -> np.ndarray
 
 
 class PrintSink:
-    """Collects extraction's fingerprints and writes them as a segment at each commit."""
+    """Collects the grey views extraction's decode workers took, and writes their
+    fingerprints (hashed all at once) as a segment at each commit."""
 
     def __init__(self, store: str | os.PathLike[str], draft_size: int) -> None:
         self.store, self.key = Path(store), segment_key(draft_size)
-        self.pending: dict[str, PixelPrint] = {}
+        self.pending: dict[str, np.ndarray] = {}
         self.written = 0
 
-    def add(self, content_hash: str | None, fp: PixelPrint | None) -> None:
-        if content_hash and fp is not None:
-            self.pending[content_hash] = fp
+    def add(self, content_hash: str | None, views: np.ndarray | None) -> None:
+        if content_hash and views is not None:
+            self.pending[content_hash] = views
 
     def flush(self) -> None:
-        if self.pending and write_segment(self.store, self.key, self.pending):
-            self.written += 1
+        if self.pending:
+            prints = pixel_prints(np.stack(list(self.pending.values())))
+            if write_segment(self.store, self.key, dict(zip(self.pending, prints, strict=True))):
+                self.written += 1
         self.pending = {}
 
 
