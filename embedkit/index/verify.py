@@ -27,10 +27,8 @@ from ..images.pixelprint import (
     grey_views,
     orientations,
     pixel_prints,
-    trim_flat_border,
 )
-
-__all__ = ["N_ORIENT", "THUMB", "VIEWS", "trim_flat_border"]  # re-exported for callers
+from ..images.pixelprint import trim_flat_border as trim_flat_border  # re-exported
 
 # JPEG draft decoding for files fingerprinted without a model's draft size (bare arrays with
 # paths): keeps at least this shorter side, ~10x faster than full size. A store passes its
