@@ -50,6 +50,7 @@ class Decoded:
     reason: str | None = None
     detail: str | None = None
     seconds: float = 0.0  # wall time the worker spent on an "ok" file (for the thread policy)
+    views: np.ndarray | None = None  # uint8 grey views for pixel fingerprints (store.pixels)
 
 
 @dataclass
@@ -67,10 +68,15 @@ _KNOWN_HASHES: frozenset[str] = frozenset()
 
 
 def decode_file(
-    abspath: str, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
+    abspath: str,
+    preprocess: Preprocess,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    pixelprint: bool = True,
 ) -> Decoded:
-    """Read, hash and decode one file (``images.load_model_input``); never raises for a bad
-    file. A file whose hash is in ``_KNOWN_HASHES`` is hashed only, not decoded."""
+    """Read, hash and decode one file (``images.load_model_input``, with its pixel
+    fingerprint unless ``pixelprint`` is False); never raises for a bad file. A file whose
+    hash is in ``_KNOWN_HASHES`` is hashed only, not decoded."""
     t0 = time.perf_counter()
     digest: str | None = None
     try:
@@ -78,7 +84,9 @@ def decode_file(
         digest = content_hash(data)
         if digest in _KNOWN_HASHES:
             return Decoded("reuse", digest)
-        mi = load_model_input(data, preprocess, max_pixels=max_pixels, digest=digest)
+        mi = load_model_input(
+            data, preprocess, max_pixels=max_pixels, digest=digest, pixelprint=pixelprint
+        )
     except ImageDecodeError as exc:
         return Decoded("failed", digest, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one file, not the run
@@ -98,6 +106,7 @@ def decode_file(
         # Non-fatal problems (corrupt EXIF, unreadable trailing chunks) stay with the row.
         detail=warnings_detail(mi.warnings),
         seconds=time.perf_counter() - t0,
+        views=mi.views,
     )
 
 

@@ -101,7 +101,9 @@ def _decode_block(
     # decode_file skips files whose content hash is already stored ("reuse").
     decode._KNOWN_HASHES = known
     keys = batch["key"].to_pylist()
-    results = [decode.decode_file(p, preprocess, max_pixels) for p in batch["path"].to_pylist()]
+    # Ray's result rows carry no fingerprints: duplicates decodes the files instead.
+    paths = batch["path"].to_pylist()
+    results = [decode.decode_file(p, preprocess, max_pixels, pixelprint=False) for p in paths]
     ok = [(i, r.content_hash) for i, r in enumerate(results) if r.status == "ok" and r.content_hash]
     if claims is not None and ok:
         import ray

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StoreError
 from ..images.sources import FoundFile
+from ..store.pixels import PrintSink
 from ..store.read import (
     PART_COLUMN,
     ROW_COLUMN,
@@ -126,6 +127,8 @@ class Rows:
         # and the stored vectors of those embedded so far, by content hash.
         self.copy_sizes: set[int] = set()
         self.run_vectors: dict[str, np.ndarray] = {}
+        # Pixel fingerprints of the decoded files, written as a segment at each commit.
+        self.prints: PrintSink | None = None
 
     def take(self, chunk: Chunk, files: list[tuple[FoundFile, os.stat_result]]) -> None:
         ok = [i for i, r in enumerate(chunk.results) if r.status == "ok"]
@@ -134,6 +137,9 @@ class Rows:
             vectors = l2_normalize(chunk.vectors) if self.normalize else chunk.vectors
             self._add([files[i] for i in ok], [chunk.results[i] for i in ok], STATUS_OK, vectors)
             self.summary.embedded += len(ok)
+            if self.prints is not None:
+                for i in ok:
+                    self.prints.add(chunk.results[i].content_hash, chunk.results[i].views)
             for n, i in enumerate(ok):
                 digest = chunk.results[i].content_hash
                 if files[i][1].st_size in self.copy_sizes and digest is not None:
@@ -160,6 +166,11 @@ class Rows:
                 self.summary.failed[r.reason or "decode_error"] += 1
         if self.writer.pending >= self.commit_every:
             self.writer.commit()
+            self.flush_prints()
+
+    def flush_prints(self) -> None:
+        if self.prints is not None:
+            self.prints.flush()
 
     def _add(
         self,

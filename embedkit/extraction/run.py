@@ -26,6 +26,7 @@ from ..images.decode import DEFAULT_MAX_PIXELS
 from ..images.sources import FoundFile, find_images
 from ..models.embedder import Embedder, cached_embedder
 from ..models.finetuned import resolve_model
+from ..store.pixels import PrintSink, merge_segments
 from ..store.read import (
     STATUS_OK,
     _read_parts,
@@ -341,6 +342,7 @@ def _extract(
         known_meta = {c: ok[c].to_pylist() for c in ("width", "height", "n_frames")}
         stored = StoredVectors(writer, committed)
         rows = Rows(writer, normalize, commit_every, summary, stored, known, known_meta)
+        rows.prints = PrintSink(store, emb.preprocess.draft_size)
         # Byte-identical files of this run have the same size: only files whose size occurs
         # more than once can be copies, and only their vectors are kept for reuse.
         sizes = Counter(st.st_size for _, st in plan.todo)
@@ -382,6 +384,7 @@ def _extract(
         finally:
             # Also on Ctrl-C and SIGTERM: what was embedded is committed, so the rerun skips it.
             writer.commit()
+            rows.flush_prints()
             summary.embed_s = time.perf_counter() - t_embed
             if isinstance(runner, LocalEngine):
                 summary.workers, summary.threads = runner.workers, forward.threads
@@ -390,4 +393,10 @@ def _extract(
                 )
                 summary.batch_size = runner.batch_size
         summary.rows = count_ok(writer)
+        merge_segments(Path(store), rows.prints.key, partial(_live_hashes, writer))
     return summary
+
+
+def _live_hashes(writer: StoreWriter) -> list[str | None]:
+    live = writer.committed_rows(vectors=False)
+    return live.filter(pc.equal(live["status"], STATUS_OK))["content_hash"].to_pylist()

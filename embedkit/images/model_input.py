@@ -2,7 +2,8 @@
 
 ``load_model_input(source, preprocess)`` reads a file (or takes its bytes), hashes it, decodes
 its first frame to RGB (``decode.open_rgb``: format allowlist, pixel cap, EXIF orientation,
-JPEG draft rule) and resizes + center-crops it (``Preprocess.to_uint8``). Extraction workers
+JPEG draft rule) and resizes + center-crops it (``Preprocess.to_uint8``); on request it also
+takes the pixel fingerprint (``images.pixelprint``) of the decoded image. Extraction workers
 (local and Ray), ``embed`` on paths, search by file, classify by file and probe predict by file
 all call it, so one file gives one vector whichever way it enters. Torch-free: it runs in
 decode worker processes and on the query path.
@@ -25,6 +26,7 @@ from .decode import (
     open_rgb,
     read_image_file,
 )
+from .pixelprint import grey_views
 
 
 class Crop(Protocol):
@@ -49,6 +51,8 @@ class ModelInput:
         n_frames: frames or pages in the file; only the first is used.
         content_hash: sha256 hex of the file's bytes (the store's ``content_hash``).
         warnings: non-fatal problems (corrupt EXIF, unreadable trailing PNG chunks, ...).
+        views: uint8 (2, 32, 32): the grey views the decoded image's pixel fingerprint is
+            computed from (``images.pixelprint``), when asked for.
     """
 
     pixels: np.ndarray
@@ -57,6 +61,7 @@ class ModelInput:
     n_frames: int
     content_hash: str
     warnings: list[str] = field(default_factory=list)
+    views: np.ndarray | None = None
 
 
 def load_model_input(
@@ -66,6 +71,7 @@ def load_model_input(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
     digest: str | None = None,
+    pixelprint: bool = False,
 ) -> ModelInput:
     """Turn one image file into the model's uint8 input crop, exactly as extraction does.
 
@@ -77,6 +83,9 @@ def load_model_input(
             entry path leaves it on; ``False`` is for measuring what the draft costs.
         digest: the sha256 hex of ``source`` when the caller already computed it (a decode
             worker hashes first to skip files whose vector is already stored).
+        pixelprint: also take the grey views of the decoded image (``images.pixelprint``)
+            for near-duplicate checks: what ``index.verify`` computes from the file with this
+            draft size, without decoding it again.
 
     Raises:
         ImageDecodeError: the file cannot be read or decoded; ``reason`` is the one extraction
@@ -90,6 +99,12 @@ def load_model_input(
         raise
     except Exception as e:  # a resize bug on one odd image must cost that file, not the run
         raise ImageDecodeError("decode_error", _describe(e)) from e
+    views = None
+    if pixelprint:
+        try:
+            views = grey_views(img.image)
+        except Exception:  # noqa: BLE001 - no views costs a second decode later, not the file
+            views = None
     return ModelInput(
         pixels=pixels,
         width=img.width,
@@ -97,4 +112,5 @@ def load_model_input(
         n_frames=img.n_frames,
         content_hash=digest if digest is not None else content_hash(data),
         warnings=img.warnings,
+        views=views,
     )

@@ -27,6 +27,7 @@ FRACTION = 0.12
 # (textiles and rendered pages: ~0.99): only pixel-verified pairs are copies.
 HOMOGENEOUS = 0.97
 PAIRS = 20_000  # random pairs sampled: the median is within ~0.01 with a few thousand
+GRAM_ROWS = 4096  # up to this many sampled rows, their (rows x rows) similarities (64 MB)
 FLOOR = 0.80  # never lower than this: two photos 0.8 apart are not copies on embedding alone
 
 
@@ -79,7 +80,12 @@ def calibrate(vectors: Any, *, seed: int = 0, pairs: int = PAIRS) -> Calibration
     v = np.asarray(vectors[rows], dtype=np.float32)
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     pos = np.searchsorted(rows, a), np.searchsorted(rows, b)
-    sims = np.einsum("nd,nd->n", v[pos[0]], v[pos[1]])
+    if len(rows) <= GRAM_ROWS:
+        # all pairs of the sampled rows in one matrix product: copying two (m, D) gathers
+        # cost 0.4 s of 0.9 for 150 textiles (m = 11k pairs of 1280 floats)
+        sims = (v @ v.T)[pos[0], pos[1]]
+    else:
+        sims = np.einsum("nd,nd->n", v[pos[0]], v[pos[1]])
     median = float(np.median(sims))
     threshold = max(FLOOR, 1.0 - FRACTION * (1.0 - median))
     return Calibration(
