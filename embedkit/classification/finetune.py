@@ -1,15 +1,19 @@
 """Fine-tune a backbone on your labelled photos, in two phases, and save weights ``extract``
 can load.
 
-Phase 1 trains a linear head on frozen features: ``train.train_probe`` (L-BFGS, weight decay
-chosen on validation) on the backbone's pooled features (dead features left out, see
-``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean / scale)``). Phase
-2 unfreezes the last ``unfreeze`` units of the backbone (see ``trainable_units``) and trains
-them with the head: AdamW, linear warm-up then cosine decay, early stopping on the validation
-loss of the group-aware split (the split of ``labels.split_rows``, near-duplicate groups from
-the pretrained features), random horizontal flips. BatchNorm statistics stay frozen (eval mode):
-with the few hundred images this is meant for, re-estimating them hurts more than it helps, and
-the fine-tuned features then come from the exact forward ``extract`` runs.
+Phase 1 trains a linear head on frozen features: ``train.train_probe`` (L-BFGS) on the
+backbone's pooled features (dead features left out), with the weight decay of lowest validation
+loss (see ``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean /
+scale)``). Phase 2 unfreezes the last ``unfreeze`` units of the backbone (see
+``trainable_units``) and trains them with the head: AdamW, linear warm-up then cosine decay,
+early stopping on the validation loss of the group-aware split (the split of
+``labels.split_rows``, near-duplicate groups from the pretrained features), random resized
+crops and horizontal flips. BatchNorm statistics stay frozen (eval mode): with the few hundred
+images this is meant for, re-estimating them hurts more than it helps, and the fine-tuned
+features then come from the exact forward ``extract`` runs. It also makes the frozen trunk (all
+before the first unfrozen unit) a fixed function, so phase 2 runs it once over ``views``
+augmented views per image and trains on the stored activations (``finetune_views``: the same
+gradients, several times faster on a CPU).
 
 Files in ``out`` (safetensors + JSON, no pickle): ``model.safetensors`` (timm keys of the
 architecture, the new head as its classifier, so ``extract --model ARCH --weights
