@@ -191,17 +191,17 @@ def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--textiles-per-class", type=int, default=1000, help="1000: all 2000")
-    ap.add_argument("--digits-per-class", type=int, default=200, help="200: all 1797")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--digits-per-class", type=int, default=100, help="200: all 1797")
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--unfreeze", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--patience", type=int, default=5)
-    ap.add_argument("--views", type=int, default=4, help="cached augmented views per image")
-    ap.add_argument("--min-scale", type=float, default=0.5, help="random resized crop area")
+    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--views", type=int, default=2, help="cached augmented views per image")
+    ap.add_argument("--min-scale", type=float, default=0.8, help="random resized crop area")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--warmup-epochs", type=int, default=1)
-    ap.add_argument("--speed-images", type=int, default=240,
+    ap.add_argument("--speed-images", type=int, default=96,
                     help="crops for the whole-vs-cached epoch timing (0: skip)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="textiles,digits", help="comma-separated subset to run")

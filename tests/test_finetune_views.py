@@ -97,3 +97,10 @@ def test_head_only_finetune_trains_on_cached_pooled_features(tmp_path: Path) -> 
     r = finetune(photos, tmp_path / "ft", model=TINY, random_init=True, epochs=2, unfreeze=0,
                  batch_size=8, views=3)  # fmt: skip
     assert r.cached_views == 3 and len(r.history) == 2 and r.test_acc == 1.0
+
+
+def test_cached_run_without_a_validation_split(tmp_path: Path) -> None:
+    photos = labelled_folder(tmp_path / "photos", 6)
+    r = finetune(photos, tmp_path / "ft", model=TINY, random_init=True, epochs=1, unfreeze=1,
+                 batch_size=8, views=2, val_fraction=0.0)  # fmt: skip
+    assert r.cached_views == 2 and len(r.history) == 1

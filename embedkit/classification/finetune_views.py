@@ -187,9 +187,10 @@ class Phase2Inputs:
             self.train_cache = trunk_views(trunk, pixels[split.train], norm, views=views,
                                            min_scale=min_scale, seed=seed,
                                            batch_size=batch_size, device=dev)  # fmt: skip
-            self.val_cache = trunk_views(trunk, pixels[split.val], norm, views=0,
-                                         min_scale=1.0, seed=seed, batch_size=batch_size,
-                                         device=dev)[0]  # fmt: skip
+            if len(split.val):
+                self.val_cache = trunk_views(trunk, pixels[split.val], norm, views=0,
+                                             min_scale=1.0, seed=seed, batch_size=batch_size,
+                                             device=dev)[0]  # fmt: skip
         self.seconds = time.perf_counter() - t0
 
     def _normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
