@@ -79,6 +79,57 @@ def digits_folder(out: Path, per_class: int, seed: int) -> Path:
     return out
 
 
+def epoch_seconds(
+    folder: Path, args: argparse.Namespace, n: int, rounds: int = 2
+) -> dict[str, float]:
+    """Phase 2 seconds per 1000 training images, whole backbone on every step (``views=0``, the
+    path before the trunk cache) against the cached trunk, interleaved in this process on the
+    same ``n`` crops of ``folder``; plus the cache's build time per view per 1000 images.
+    """
+    from types import SimpleNamespace
+
+    from embedkit.classification.finetune import trainable_units
+    from embedkit.classification.finetune_views import Phase2Inputs
+    from embedkit.images.model_input import load_model_input
+    from embedkit.models.backbone import load_backbone
+
+    bb = load_backbone(MODEL, device="cpu")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+    pixels = np.stack([load_model_input(f, bb.preprocess).pixels for f in files])
+    y = np.arange(n) % 3
+    split = SimpleNamespace(train=np.arange(n), val=np.arange(0), test=np.arange(0))
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    units = trainable_units(bb.model)[-args.unfreeze :]
+    params = [p for u in units for p in u.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    head = torch.nn.Linear(bb.dim, 3)
+    opt = torch.optim.AdamW([*params, *head.parameters()], lr=1e-6)
+    times: dict[str, list[float]] = {"whole": [], "cached": [], "cache_build": []}
+    for _ in range(rounds):
+        for views in (0, args.views):
+            inputs = Phase2Inputs(bb, pixels, y, split, units, views=views,
+                                  min_scale=args.min_scale, seed=0,
+                                  batch_size=args.batch_size)  # fmt: skip
+            rng = np.random.default_rng(0)
+            t0 = time.perf_counter()
+            for i in range(0, n, args.batch_size):
+                pos = np.arange(i, min(n, i + args.batch_size))
+                loss = torch.nn.functional.cross_entropy(
+                    head(inputs.train_features(pos, rng)), torch.from_numpy(y[pos])
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            per_k = (time.perf_counter() - t0) * 1000 / n
+            times["cached" if views else "whole"].append(per_k)
+            if views:
+                times["cache_build"].append(inputs.seconds * 1000 / n / views)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     store, ft_out = work / "probe.store", work / "finetune"
     shutil.rmtree(store, ignore_errors=True)
@@ -103,7 +154,9 @@ def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> di
     t0 = time.perf_counter()
     ft = finetune(
         folder, ft_out, model=MODEL, unfreeze=args.unfreeze, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, patience=args.patience, device="cpu", on_epoch=on_epoch,
+        batch_size=args.batch_size, patience=args.patience, views=args.views,
+        min_scale=args.min_scale, label_smoothing=args.label_smoothing,
+        warmup_epochs=args.warmup_epochs, device="cpu", on_epoch=on_epoch,
     )  # fmt: skip
     ft_s = time.perf_counter() - t0
     info = json.loads((ft_out / "finetune.json").read_text(encoding="utf-8"))
@@ -120,6 +173,8 @@ def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> di
                 f"({len(set(ours) ^ set(theirs))} paths): the comparison would not be fair"
             )
     epoch_s = [h["seconds"] for h in ft.history]
+    timed = args.speed_images and name.split()[0] in args.speed_sets.split(",")
+    speed = epoch_seconds(folder, args, args.speed_images) if timed else {}
     return {
         "n": summary.embedded, "classes": len(ft.classes),
         "split": tuple(len(info["split"][p]) for p in ("train", "val", "test")),
@@ -128,30 +183,40 @@ def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> di
         "epochs": len(ft.history), "best_epoch": ft.best_epoch, "stopped_early": ft.stopped_early,
         "epoch_min": (float(np.mean(epoch_s)) / 60) if epoch_s else float("nan"),
         "extract_s": extract_s, "probe_s": probe_s, "ft_s": ft_s,
-        "history": ft.history,
+        "history": ft.history, "speed": speed, "cache_s": ft.cache_seconds,
+        "views": ft.cached_views,
         "head_val": ft.head_history[-1]["val_loss"] if ft.head_history else float("nan"),
     }  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--textiles-per-class", type=int, default=300)
-    ap.add_argument("--digits-per-class", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--textiles-per-class", type=int, default=300, help="1000: all 2000")
+    ap.add_argument("--digits-per-class", type=int, default=50, help="200: all 1797")
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--unfreeze", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--views", type=int, default=2, help="cached augmented views per image")
+    ap.add_argument("--min-scale", type=float, default=0.8, help="random resized crop area")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--warmup-epochs", type=int, default=1)
+    ap.add_argument("--speed-images", type=int, default=64,
+                    help="crops for the whole-vs-cached epoch timing (0: skip)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="textiles,digits", help="comma-separated subset to run")
+    ap.add_argument("--speed-sets", default="textiles", help="sets whose epochs are timed")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (~1 min): 20 textiles / 8 digits per class, 1 epoch; "
                          "does not write RESULTS.md")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.textiles_per_class, args.digits_per_class, args.epochs = 20, 8, 1
+        args.speed_images = min(args.speed_images, 32)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
+    load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
     sets = {
         "textiles (conformal-clip-data)": lambda w: textile_folder(
             w, args.textiles_per_class, args.seed
@@ -171,17 +236,28 @@ def main() -> None:
 
     table = (
         "| data | images (classes) | train / val / test | probe test acc | finetune phase 1 "
-        "(head only) test acc | fine-tuned test acc | gain vs probe (points) | epochs run "
-        "(best, early stop) | min / epoch | extract + probe min | finetune min |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "(head only) test acc | fine-tuned test acc | gain vs probe (points) | 1 s.e. "
+        "(points) | epochs run (best, early stop) | s / epoch (cached) | cache build s "
+        "| extract + probe min | finetune min |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     ) + "\n".join(
         f"| {s} | {r['n']} ({r['classes']}) | {' / '.join(map(str, r['split']))} | "
         f"{100 * r['probe_acc']:.1f} | {100 * r['head_acc']:.1f} | **{100 * r['ft_acc']:.1f}** | "
-        f"{100 * (r['ft_acc'] - r['probe_acc']):+.1f} | {r['epochs']} ({r['best_epoch']}, "
-        f"{'yes' if r['stopped_early'] else 'no'}) | {r['epoch_min']:.2f} | "
+        f"{100 * (r['ft_acc'] - r['probe_acc']):+.1f} | "
+        f"{100 * np.sqrt(r['probe_acc'] * (1 - r['probe_acc']) / r['split'][2]):.1f} | "
+        f"{r['epochs']} ({r['best_epoch']}, {'yes' if r['stopped_early'] else 'no'}) | "
+        f"{60 * r['epoch_min']:.1f} | {r['cache_s']:.0f} | "
         f"{(r['extract_s'] + r['probe_s']) / 60:.2f} | {r['ft_s'] / 60:.2f} |"
         for s, r in rows
     )
+    speed = (
+        "| data | whole backbone s / 1000 train images | cached trunk s / 1000 | speed-up | "
+        "cache build s / 1000 images / view |\n|---|---|---|---|---|\n"
+    ) + "\n".join(
+        f"| {s} | {r['speed']['whole']:.1f} | {r['speed']['cached']:.1f} | "
+        f"{r['speed']['whole'] / r['speed']['cached']:.1f}x | {r['speed']['cache_build']:.1f} |"
+        for s, r in rows if r["speed"]
+    )  # fmt: skip
     curves = "\n".join(
         f"- {s}: phase 1 val loss {r['head_val']:.3f}; " + "; ".join(
             f"e{int(h['epoch'])} train {h['train_loss']:.3f}/{100 * h['train_acc']:.0f}% "
@@ -190,6 +266,7 @@ def main() -> None:
         for s, r in rows
     )  # fmt: skip
     print(table)
+    print(speed)
     print(curves)
     print(f"total {total_min:.1f} min")
     if args.quick:
@@ -197,21 +274,31 @@ def main() -> None:
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     body = (
         f"Model `{MODEL}` (packaged ImageNet weights), input 224x224 (the model's eval "
-        "preprocessing; `finetune` has no image-size option). Subsampled to keep the whole run "
-        f"under ~20 min on 2 shared CPU cores: {args.textiles_per_class} textiles per class "
-        f"(of 1000/500/500) and {args.digits_per_class} digits per class (of ~180), seeded. "
-        "Probe = `embedkit.extract` (ONNX Runtime) + `train_store_probe` (L-BFGS, weight decay "
-        "chosen on validation). Fine-tune = `embedkit.finetune(unfreeze="
-        f"{args.unfreeze}, epochs={args.epochs}, lr={args.lr:g} (head 10x), "
-        f"batch_size={args.batch_size}, patience={args.patience}, weight_decay=0.05, "
-        "warmup_epochs=1)`, BatchNorm statistics frozen; with unfreeze=3 the trained units are "
-        "`blocks.6`, `conv_head`, `bn2` (affine). Split: 70/15/15 per class, group-aware "
-        "(near duplicates at cosine 0.90 on one side), seed 0; the script checks that the "
-        "probe and finetune train/val/test paths are identical. Test accuracy in %; "
-        "'phase 1' is finetune's own head on frozen torch features before phase 2. "
+        f"preprocessing; `finetune` has no image-size option). {args.textiles_per_class} "
+        f"textiles per class at most (of 1000/500/500) and {args.digits_per_class} digits per "
+        "class at most (of ~180), seeded. Probe = `embedkit.extract` (ONNX Runtime) + "
+        "`train_store_probe` (L-BFGS, weight decay chosen on validation accuracy). Fine-tune = "
+        f"`embedkit.finetune(unfreeze={args.unfreeze}, epochs={args.epochs}, lr={args.lr:g} "
+        f"(head 10x), batch_size={args.batch_size}, patience={args.patience}, "
+        f"weight_decay=0.05, warmup_epochs={args.warmup_epochs}, views={args.views}, "
+        f"min_scale={args.min_scale:g}, label_smoothing={args.label_smoothing:g})`: phase 1 "
+        "head with the weight decay of lowest validation loss; phase 2 on the frozen trunk's "
+        "cached activations of `views` augmented views per training image (random resized "
+        "crop, area >= min_scale, + flip), BatchNorm statistics frozen; with unfreeze=3 the "
+        "trained units are `blocks.6`, `conv_head`, `bn2` (affine). Split: 70/15/15 per class, "
+        "group-aware (near duplicates at cosine 0.90 on one side), seed 0; the script checks "
+        "that the probe and finetune train/val/test paths are identical. Test accuracy in %, "
+        "reported once (settings fixed before the run, nothing tuned on test); 1 s.e. = binomial "
+        "standard "
+        "error of the probe's test accuracy. 'phase 1' is finetune's own head on frozen torch "
+        "features before phase 2. s / epoch: phase 2 training steps + validation. "
         f"Whole run {total_min:.1f} min; machine {platform.machine()}, {os.cpu_count()} cores "
-        f"shared (load average {load} at the end), torch {torch.__version__} CPU, "
-        f"{torch.get_num_threads()} threads. `python benchmarks/finetune.py`\n\n{table}\n\n"
+        f"shared (load average {load_start} at the start, {load} at the end), torch "
+        f"{torch.__version__} CPU, {torch.get_num_threads()} threads. "
+        f"`python benchmarks/finetune.py`\n\n{table}\n\n"
+        f"Phase 2 speed, whole backbone on every step (before the trunk cache; `views=0`) vs "
+        f"the cached trunk, {args.speed_images} crops, interleaved in the same process, median "
+        f"of 2 rounds:\n\n{speed}\n\n"
         f"Phase 2 curves (loss / accuracy):\n\n{curves}\n"
     )
     write_section("finetune", "Linear probe vs fine-tuning (`benchmarks/finetune.py`)", body)
