@@ -266,3 +266,18 @@ def test_a_slightly_turned_or_cropped_texture_is_confirmed_by_a_warp(tmp_path: P
     assert "slightly turned or cropped" in ev.describe(0)
     a, b = np.triu_indices(12, 1)
     assert not compare(fp, a, b).confirmed.any()  # 66 pairs of distinct textures stay apart
+
+
+def test_homogeneous_collection_groups_a_turned_texture_with_its_original(tmp_path: Path) -> None:
+    paths = []
+    for i, im in enumerate(
+        [_fine_texture(2), *(_fine_texture(100 + i) for i in range(1, 12))]
+        + [_fine_texture(2).rotate(5, resample=Image.Resampling.BILINEAR)]
+    ):
+        paths.append(str(tmp_path / f"t{i:02d}.png"))
+        im.save(paths[-1])
+    x = _homogeneous(len(paths), seed=3)  # the embedding says nothing: only pixels decide
+    groups = group_duplicates(x, np.arange(len(paths)), paths=paths, k=5)
+    assert [{m.id for m in g.members} for g in groups] == [{0, 12}]
+    turned = next(m for m in groups[0].members if m.evidence != "centre")
+    assert "slightly turned or cropped" in turned.why

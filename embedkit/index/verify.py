@@ -314,10 +314,17 @@ class PixelEvidence:
         )
 
 
-def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray) -> PixelEvidence:
+def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray, *, warp: bool = True) -> PixelEvidence:
     """For row pairs (a[i], b[i]): the pHash distance and thumbnail correlation of the view
     pair and orientation of b (against a as displayed) with the smallest distance. Pairs with
-    an unreadable side are never confirmed."""
+    an unreadable side are never confirmed.
+
+    Args:
+        fp: the fingerprints.
+        a: rows.
+        b: rows, paired with ``a``.
+        warp: also confirm pairs by the small-warp search (``WARP_CORR``).
+    """
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     p = len(a)
     take = np.arange(p)
@@ -349,7 +356,7 @@ def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray) -> PixelEvidence:
     )
     # the warps only for pairs the rule above left out and that are close enough in pHash
     warped = np.full(p, np.nan)
-    todo = np.flatnonzero(ok & ~confirmed & (best_d <= WARP_PHASH))
+    todo = np.flatnonzero(ok & ~confirmed & (best_d <= WARP_PHASH) & warp)
     warped[todo] = warped_corr(fp, a[todo], b[todo], best_o[todo])
     with np.errstate(invalid="ignore"):  # NaN compares False
         confirmed |= (warped >= WARP_CORR) & (warped - best_c >= WARP_GAIN)
