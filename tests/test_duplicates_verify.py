@@ -230,3 +230,54 @@ def test_a_weak_match_shared_by_many_is_dropped_unless_near_best() -> None:
     )
     kept = _near_best_only(pix, a, b).confirmed
     assert kept.tolist() == [False] * 5 + [True] * 7
+
+
+def _fine_texture(seed: int, size: int = 192, cells: int = 22) -> Image.Image:
+    """Grey noise at ~9-pixel cells: finer than the 16 x 16 thumbnail can follow through a
+    turn or a shifted crop (like the textile benchmark's fabrics)."""
+    rng = np.random.default_rng(seed)
+    a = (255 * (0.1 + 0.8 * rng.uniform(0, 1, (cells, cells)))).astype(np.uint8)
+    return Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+
+
+def test_a_slightly_turned_or_cropped_texture_is_confirmed_by_a_warp(tmp_path: Path) -> None:
+    base = _fine_texture(2)
+    w = base.width
+    d = int(w * 0.08)  # 8% of each side cut, off centre
+    copies = {
+        "turned": base.rotate(5, resample=Image.Resampling.BILINEAR),
+        "cropped": base.crop(
+            (int(w * 0.07), int(w * 0.01), int(w * 0.07) + w - d, int(w * 0.01) + w - d)
+        ),
+    }
+    paths = []
+    for i, im in enumerate([base, *(_fine_texture(100 + i) for i in range(1, 12))]):
+        paths.append(str(tmp_path / f"t{i:02d}.png"))
+        im.save(paths[-1])
+    for name, im in copies.items():
+        paths.append(str(tmp_path / f"{name}.png"))
+        im.save(paths[-1])
+    fp = fingerprints(paths)
+    ev = compare(fp, np.array([0, 0]), np.array([12, 13]))
+    # as displayed these copies correlate too little for the other rules (0.46-0.66)...
+    assert (ev.corr < 0.7).all()
+    # ...the small-warp search confirms them, and says so
+    assert ev.confirmed.all() and ev.warped is not None and (ev.warped >= 0.8).all()
+    assert "slightly turned or cropped" in ev.describe(0)
+    a, b = np.triu_indices(12, 1)
+    assert not compare(fp, a, b).confirmed.any()  # 66 pairs of distinct textures stay apart
+
+
+def test_homogeneous_collection_groups_a_turned_texture_with_its_original(tmp_path: Path) -> None:
+    paths = []
+    for i, im in enumerate(
+        [_fine_texture(2), *(_fine_texture(100 + i) for i in range(1, 12))]
+        + [_fine_texture(2).rotate(5, resample=Image.Resampling.BILINEAR)]
+    ):
+        paths.append(str(tmp_path / f"t{i:02d}.png"))
+        im.save(paths[-1])
+    x = _homogeneous(len(paths), seed=3)  # the embedding says nothing: only pixels decide
+    groups = group_duplicates(x, np.arange(len(paths)), paths=paths, k=5)
+    assert [{m.id for m in g.members} for g in groups] == [{0, 12}]
+    turned = next(m for m in groups[0].members if m.evidence != "centre")
+    assert "slightly turned or cropped" in turned.why
