@@ -114,9 +114,11 @@ def _init_worker() -> None:
     """Set up a forked decode worker.
 
     - Ignore SIGINT, which a terminal sends to the whole process group: the parent handles
-      it (commits, then stops the workers). SIGTERM keeps its default: the executor itself
-      terminates workers with it when the pool breaks, and a worker killed by a group SIGTERM
-      costs nothing (the parent is ending too).
+      it (commits, then stops the workers). SIGTERM gets its default back (a fork inherits the
+      parent's Python handler: the CLI's, Ray's driver's, a host application's): the executor
+      terminates workers with it when the pool breaks, and a worker that outlived that
+      blocked writing its result to a pipe nobody read, and the parent's exit waited for it
+      forever. A worker killed by a group SIGTERM costs nothing (the parent is ending too).
     - Die with the parent (Linux): a ``kill -9`` of the run must not leave decoders behind.
     - Drop the inherited store-lock descriptors, so only the parent holds the store lock.
     - Silence C-level stderr: libtiff prints pages of tag warnings for odd TIFFs. Nothing
@@ -125,6 +127,7 @@ def _init_worker() -> None:
     # Ctrl-C is the parent's to handle (it commits and exits); workers are stopped by the
     # parent (``DecodePool.close(stop=True)``), or die with it (PR_SET_PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
