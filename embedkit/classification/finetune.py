@@ -2,8 +2,9 @@
 can load.
 
 Phase 1 trains a linear head on frozen features: ``train.train_probe`` (L-BFGS) on the
-backbone's pooled features (dead features left out), with the weight decay of lowest validation
-loss (see ``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean /
+backbone's pooled features of the plain training crops and of the augmented views phase 2
+trains on (dead features left out), with the weight decay of lowest validation loss (see
+``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean /
 scale)``). Phase 2 unfreezes the last ``unfreeze`` units of the backbone (see
 ``trainable_units``) and trains them with the head: AdamW, linear warm-up then cosine decay,
 early stopping on the validation loss of the group-aware split (the split of
@@ -343,6 +344,12 @@ def phase1_head(
     and the most accurate head is often over-confident (benchmarks/finetune.py, textiles:
     validation loss 1.60 at the chosen wd 1e-4 against 0.65 at wd 0.1, one point less accurate;
     phase 2's warm-up epoch then had a train loss of 2.8).
+
+    ``train_views`` (V, n_train, D): pooled features of the augmented views of the training
+    rows (``Phase2Inputs.train_view_features``), fitted as extra training rows. Fitted on plain
+    crops alone, the folded head was calibrated on nothing phase 2 trains on (digits: train loss
+    0.024 on plain crops, 5.67 on phase 2's random resized crops, weights up to 28,683); with
+    the views 0.056 / 0.048 and weights up to 1,163 (benchmarks/RESULTS.md, finetune).
 
     Dead features (std below ``DEAD_FEATURE_RATIO`` x the median std on the training rows:
     channels the pretrained ReLUs keep at ~0 for these photos; ~1/3 of efficientnet_lite0's on
