@@ -186,6 +186,8 @@ def run_set(name: str, folder: Path, work: Path, args: argparse.Namespace) -> di
         "history": ft.history, "speed": speed, "cache_s": ft.cache_seconds,
         "views": ft.cached_views,
         "head_val": ft.head_history[-1]["val_loss"] if ft.head_history else float("nan"),
+        "head_loss_plain": ft.head_loss_plain, "head_loss_views": ft.head_loss_views,
+        "head_max_weight": ft.head_max_weight,
     }  # fmt: skip
 
 
@@ -259,7 +261,9 @@ def main() -> None:
         for s, r in rows if r["speed"]
     )  # fmt: skip
     curves = "\n".join(
-        f"- {s}: phase 1 val loss {r['head_val']:.3f}; " + "; ".join(
+        f"- {s}: phase 1 val loss {r['head_val']:.3f} (its train loss: plain crops "
+        f"{r['head_loss_plain']:.3f}, augmented views {r['head_loss_views']:.3f}; max |W| "
+        f"{r['head_max_weight']:.0f}); " + "; ".join(
             f"e{int(h['epoch'])} train {h['train_loss']:.3f}/{100 * h['train_acc']:.0f}% "
             f"val {h['val_loss']:.3f}/{100 * h['val_acc']:.0f}%" for h in r["history"]
         )
@@ -282,7 +286,9 @@ def main() -> None:
         f"(head 10x), batch_size={args.batch_size}, patience={args.patience}, "
         f"weight_decay=0.05, warmup_epochs={args.warmup_epochs}, views={args.views}, "
         f"min_scale={args.min_scale:g}, label_smoothing={args.label_smoothing:g})`: phase 1 "
-        "head with the weight decay of lowest validation loss; phase 2 on the frozen trunk's "
+        "head (L-BFGS) fitted on the pooled features of the plain training crops and of the "
+        "same augmented views phase 2 trains on, weight decay of lowest validation loss; "
+        "phase 2 on the frozen trunk's "
         "cached activations of `views` augmented views per training image (random resized "
         "crop, area >= min_scale, + flip), BatchNorm statistics frozen; with unfreeze=3 the "
         "trained units are `blocks.6`, `conv_head`, `bn2` (affine). Split: 70/15/15 per class, "

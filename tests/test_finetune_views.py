@@ -104,3 +104,56 @@ def test_cached_run_without_a_validation_split(tmp_path: Path) -> None:
     r = finetune(photos, tmp_path / "ft", model=TINY, random_init=True, epochs=1, unfreeze=1,
                  batch_size=8, views=2, val_fraction=0.0)  # fmt: skip
     assert r.cached_views == 2 and len(r.history) == 1
+
+
+@pytest.mark.parametrize("views", [2, 0])
+def test_phase1_head_is_fitted_on_the_augmented_views_phase2_trains_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, views: int
+) -> None:
+    # Before: phase 1 fitted the head on plain crops only, and phase 2 started far off on its
+    # own (augmented) training inputs (benchmarks/RESULTS.md, finetune: loss 0.02 vs 5.67).
+    import json
+
+    import embedkit.classification.train as train_mod
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real = train_mod.train_probe
+
+    def spy(features: np.ndarray, labels: np.ndarray, **kw: object) -> object:
+        seen.append((np.asarray(features), np.asarray(labels)))
+        return real(features, labels, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "train_probe", spy)
+    photos = labelled_folder(tmp_path / "photos", 8)
+    r = finetune(photos, tmp_path / "ft", model=TINY, random_init=True, epochs=1, unfreeze=1,
+                 batch_size=8, views=views, min_scale=0.5)  # fmt: skip
+    info = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    n, n_train = 16, len(info["split"]["train"])
+    n_views = views or 4  # views=0 (augment on the fly): DEFAULT_VIEWS fresh views for phase 1
+    assert seen and all(len(f) == n + n_views * n_train for f, _ in seen)
+    feats, labels = seen[0]
+    # the extra rows are new (augmented) features of the training images, with their labels
+    extra = feats[n:]
+    assert not any(np.allclose(e, p) for e in extra[:n_train] for p in feats[:n])
+    assert sorted(labels[n : n + n_train]) == sorted(
+        Path(p).parent.name for p in info["split"]["train"]
+    )
+    assert np.isfinite(r.head_loss_views) and np.isfinite(r.head_loss_plain)
+    assert info["head_loss_views"] == r.head_loss_views
+
+
+def test_phase1_head_with_views_keeps_the_split() -> None:
+    from embedkit.classification.finetune import phase1_head
+
+    rng = np.random.default_rng(0)
+    y = np.array(["a", "b"] * 20)
+    x = rng.normal(size=(40, 5)).astype(np.float32) + (y == "a")[:, None]
+    groups = np.arange(40).astype(str)
+    kw = {"groups": groups, "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2}
+    plain, _, _ = phase1_head(x, y, **kw)  # type: ignore[arg-type]
+    views = rng.normal(size=(3, len(plain.split["train"]), 5)).astype(np.float32)
+    with_views, w, b = phase1_head(x, y, train_views=views, **kw)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(with_views.split["val"], plain.split["val"])
+    np.testing.assert_array_equal(with_views.split["test"], plain.split["test"])
+    assert len(with_views.split["train"]) == 4 * len(plain.split["train"])
+    assert w.shape == (2, 5) and b.shape == (2,)

@@ -2,8 +2,9 @@
 can load.
 
 Phase 1 trains a linear head on frozen features: ``train.train_probe`` (L-BFGS) on the
-backbone's pooled features (dead features left out), with the weight decay of lowest validation
-loss (see ``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean /
+backbone's pooled features of the plain training crops and of the augmented views phase 2
+trains on (dead features left out), with the weight decay of lowest validation loss (see
+``phase1_head``), folded into one dense layer (``W / scale``, ``b - W @ (mean /
 scale)``). Phase 2 unfreezes the last ``unfreeze`` units of the backbone (see
 ``trainable_units``) and trains them with the head: AdamW, linear warm-up then cosine decay,
 early stopping on the validation loss of the group-aware split (the split of
@@ -88,6 +89,10 @@ class FinetuneResult:
     stopped_early: bool = False
     cache_seconds: float = 0.0
     cached_views: int = 0
+    head_view_seconds: float = 0.0
+    head_loss_plain: float = float("nan")
+    head_loss_views: float = float("nan")
+    head_max_weight: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +107,10 @@ class FinetuneResult:
             "epochs": len(self.history),
             "cache_seconds": self.cache_seconds,
             "cached_views": self.cached_views,
+            "head_view_seconds": self.head_view_seconds,
+            "head_loss_plain": self.head_loss_plain,
+            "head_loss_views": self.head_loss_views,
+            "head_max_weight": self.head_max_weight,
         }
 
 
@@ -205,17 +214,36 @@ def finetune(
     result = FinetuneResult(out, out / "model.safetensors", backbone.arch or backbone.name,
                             [str(c) for c in classes])  # fmt: skip
 
+    # Phase 2's inputs first: phase 1 fits the head on the same augmented views.
+    net = backbone.model
+    for p in net.parameters():
+        p.requires_grad_(False)
+    units = trainable_units(net)[-unfreeze:] if unfreeze else []
+    from .finetune_views import Phase2Inputs, evaluate
+
+    inputs = Phase2Inputs(backbone, pixels, y, split, units, views=views, min_scale=min_scale,
+                           seed=seed, batch_size=batch_size)  # fmt: skip
+    result.cache_seconds = inputs.seconds
+    result.cached_views = 0 if inputs.train_cache is None else len(inputs.train_cache)
+
     # Phase 1: the head on frozen features (skipped on resume: the checkpoint holds it).
     if ckpt is None:
+        t0 = time.perf_counter()
+        view_feats = inputs.train_view_features(views or DEFAULT_VIEWS, seed)
+        result.head_view_seconds = time.perf_counter() - t0
         probe, w, b = phase1_head(
             frozen, y_names, groups=groups, seed=seed, val_fraction=val_fraction,
-            test_fraction=test_fraction,
+            test_fraction=test_fraction, train_views=view_feats,
             on_epoch=None if on_epoch is None else (lambda wd, row: on_epoch("head", row)),
         )  # fmt: skip
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(w))
             head.bias.copy_(torch.from_numpy(b.astype(np.float32)))
         result.head_history = list(probe.history)
+        result.head_loss_plain = _folded_loss(w, b, frozen[split.train], y[split.train])
+        result.head_loss_views = _folded_loss(w, b, view_feats.reshape(-1, w.shape[1]),
+                                              np.tile(y[split.train], len(view_feats)))  # fmt: skip
+        result.head_max_weight = float(np.abs(w).max())
         assert probe.test is not None
         result.test_acc_head = float(probe.test.accuracy)
     else:
@@ -223,10 +251,6 @@ def finetune(
         result.test_acc_head = ckpt["test_acc_head"]
 
     # Phase 2: unfreeze the last units and train them with the head.
-    net = backbone.model
-    for p in net.parameters():
-        p.requires_grad_(False)
-    units = trainable_units(net)[-unfreeze:] if unfreeze else []
     params = [p for u in units for p in u.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -243,12 +267,6 @@ def finetune(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    from .finetune_views import Phase2Inputs, evaluate, features
-
-    inputs = Phase2Inputs(backbone, pixels, y, split, units, views=views, min_scale=min_scale,
-                           seed=seed, batch_size=batch_size)  # fmt: skip
-    result.cache_seconds = inputs.seconds
-    result.cached_views = 0 if inputs.train_cache is None else len(inputs.train_cache)
     trained = TrainedState(net, head)
     start_epoch, best_loss, best_epoch, bad = 1, float("inf"), 0, 0
     history: list[dict[str, float]] = []
@@ -316,6 +334,7 @@ def phase1_head(
     seed: int,
     val_fraction: float,
     test_fraction: float,
+    train_views: np.ndarray | None = None,
     on_epoch: Callable[[float, dict[str, float]], None] | None = None,
 ) -> tuple[Probe, np.ndarray, np.ndarray]:
     """The probe on frozen features, folded into one dense layer: (probe, weight (C, D), bias).
@@ -325,6 +344,12 @@ def phase1_head(
     and the most accurate head is often over-confident (benchmarks/finetune.py, textiles:
     validation loss 1.60 at the chosen wd 1e-4 against 0.65 at wd 0.1, one point less accurate;
     phase 2's warm-up epoch then had a train loss of 2.8).
+
+    ``train_views`` (V, n_train, D): pooled features of the augmented views of the training
+    rows (``Phase2Inputs.train_view_features``), fitted as extra training rows. Fitted on plain
+    crops alone, the folded head was calibrated on nothing phase 2 trains on (digits: train loss
+    0.024 on plain crops, 5.67 on phase 2's random resized crops, weights up to 28,683); with
+    the views 0.056 / 0.048 and weights up to 1,163 (benchmarks/RESULTS.md, finetune).
 
     Dead features (std below ``DEAD_FEATURE_RATIO`` x the median std on the training rows:
     channels the pretrained ReLUs keep at ~0 for these photos; ~1/3 of efficientnet_lite0's on
@@ -339,6 +364,15 @@ def phase1_head(
 
     train = split_rows(y_names, groups, val_fraction=val_fraction,
                        test_fraction=test_fraction, seed=seed).train  # fmt: skip
+    if train_views is not None and len(train_views):
+        # The views are extra rows of their image's group, after all others: split_rows deals
+        # groups by their first row, so the split is unchanged and the views land in train.
+        n_views = len(train_views)
+        frozen = np.concatenate([frozen, train_views.reshape(-1, frozen.shape[1])])
+        y_names = np.concatenate([y_names, np.tile(y_names[train], n_views)])
+        groups = np.concatenate([np.asarray(groups), np.tile(np.asarray(groups)[train], n_views)])
+        train = split_rows(y_names, groups, val_fraction=val_fraction,
+                           test_fraction=test_fraction, seed=seed).train  # fmt: skip
     std = frozen[train].std(axis=0, dtype=np.float64)
     dead = std < DEAD_FEATURE_RATIO * np.median(std)
     clean = frozen.copy()
@@ -363,6 +397,16 @@ def phase1_head(
     w = probe.weight / probe.scale[None, :]
     b = probe.bias - w @ probe.mean
     return probe, w, b
+
+
+def _folded_loss(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of the dense head ``x @ w.T + b`` (float64); NaN without rows."""
+    if len(x) == 0:
+        return float("nan")
+    z = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
 
 
 def trainable_units(net: nn.Module) -> list[nn.Module]:
@@ -451,6 +495,10 @@ def _save_model(
         "test_acc_head": result.test_acc_head, "test_acc": result.test_acc,
         "stopped_early": result.stopped_early, "cache_seconds": result.cache_seconds,
         "cached_views": result.cached_views,
+        "head_view_seconds": result.head_view_seconds,
+        "head_loss_plain": result.head_loss_plain,
+        "head_loss_views": result.head_loss_views,
+        "head_max_weight": result.head_max_weight,
         "head_history": result.head_history,
         "history": result.history,
         "split": {s: [paths[i] for i in getattr(split, s)] for s in ("train", "val", "test")},

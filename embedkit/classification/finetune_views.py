@@ -193,6 +193,34 @@ class Phase2Inputs:
                                              device=dev)[0]  # fmt: skip
         self.seconds = time.perf_counter() - t0
 
+    def train_view_features(self, views: int, seed: int) -> np.ndarray:
+        """Pooled features of the augmented training views phase 2 trains on: float32
+        (V, n_train, D), for phase 1's head (``finetune.phase1_head``).
+
+        From the cached trunk activations when there are some (all their views, through the
+        frozen remainder, cheap), else ``views`` views augmented as phase 2 does on the fly and
+        run through the whole backbone.
+        """
+        import torch
+
+        if self.train_cache is not None and self.rest is not None:
+            step = 4 * self.batch_size
+            with torch.no_grad():
+                return torch.stack([
+                    torch.cat([
+                        self.rest(_on(cache[i : i + step], self.backbone.device)).float().cpu()
+                        for i in range(0, cache.shape[0], step)
+                    ])
+                    for cache in self.train_cache
+                ]).numpy()  # fmt: skip
+        crops = self.pixels[self.split.train]
+        out = []
+        for v in range(views):
+            rng = np.random.default_rng([seed, 2, v])  # 2: phase 1's view stream
+            out.append(features(self.backbone, augment(crops, rng, self.min_scale),
+                                self.batch_size))  # fmt: skip
+        return np.stack(out) if out else np.zeros((0, len(crops), self.backbone.dim), np.float32)
+
     def _normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         import torch
 
