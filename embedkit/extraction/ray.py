@@ -86,6 +86,19 @@ def require_ray() -> Any:
     return ray
 
 
+def _on_driver_node(ray: Any) -> dict[str, Any]:
+    """Actor options that place it on the driver's node: a worker node killed mid-run must not
+    take the run's claims with it (the run goes on without that node; without the driver's
+    node it is over anyway). Soft when the driver's node is unknown (a Ray client)."""
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    except Exception:
+        return {}
+
+
 def _decode_block(
     batch: pa.Table,
     preprocess: Preprocess,
@@ -108,7 +121,10 @@ def _decode_block(
     if claims is not None and ok:
         import ray
 
-        owners = ray.get(claims.claim.remote([(keys[i], digest) for i, digest in ok]))
+        try:
+            owners = ray.get(claims.claim.remote([(keys[i], digest) for i, digest in ok]))
+        except Exception:  # the claims actor is gone (its node died): embed every file here
+            owners = [keys[i] for i, _ in ok]
         for (i, _), owner in zip(ok, owners, strict=True):
             if owner != keys[i]:
                 results[i] = as_copy(results[i])
@@ -260,7 +276,7 @@ class RayEngine:
         copies = RunCopies()
         # One claims actor per run (no CPU: it only answers dict look-ups), so that each content
         # hash is embedded once even when its copies are decoded on different nodes.
-        claims = ray.remote(num_cpus=0)(Claims).remote()
+        claims = ray.remote(num_cpus=0)(Claims).options(**_on_driver_node(ray)).remote()
         run = partial(
             self._pass,
             ray,
