@@ -21,7 +21,7 @@ Parquet), and never required:
   commit: an extract commits every few thousand images, and rewriting every vector at each
   commit would make a run quadratic in the store size; most commits are never followed by a
   read. The reader that decoded the Parquet vectors anyway writes them once.
-- **Atomic.** A temp name unique per process and call (``.vectors.arrow.<pid>.<uuid>.tmp``,
+- **Atomic.** A temp name unique per process and call (``.vectors.arrow.<uuid>.tmp``,
   which the next writer removes if a reader died mid-write), fsync, ``os.replace``. Readers
   racing each write the same content; the last replace wins and every mapped copy stays valid
   (the old inode lives while mapped).
@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from .._fs import atomic_path
 
 CACHE_FILE = "vectors.arrow"
 CACHE_KEY = b"embedkit-vectors-cache"
@@ -102,25 +102,19 @@ def save_vectors(store: Path, manifest: dict[str, Any], ids: np.ndarray, x: np.n
     """Write the cache for this manifest atomically; False (and nothing left) if it cannot."""
     key = cache_key(manifest)
     final = store / CACHE_FILE
-    tmp = store / f".{CACHE_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(flat), key["dim"])
     batch = pa.record_batch([pa.array(ids, pa.int64()), emb], schema=_schema(key["dim"], key))
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as w:
+        with (
+            atomic_path(final) as tmp,
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_file(sink, batch.schema) as w,
+        ):
             w.write_batch(batch)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # a crash must not leave a renamed file without its data
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
         return True
     except (OSError, pa.ArrowException):  # read-only store, full disk: the cache is optional
         return False
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def drop_vectors(store: Path) -> None:

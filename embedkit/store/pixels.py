@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .._fs import atomic_path
 from ..images.pixelprint import N_ORIENT, RECIPE, THUMB, VIEWS, PixelPrint, pixel_prints
 
 PIXELS_DIR = "pixels"
@@ -91,7 +92,6 @@ def _write(
 ) -> Path | None:
     folder = store / PIXELS_DIR
     name = f"{uuid.uuid4().hex}.arrow"
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
     batch = pa.record_batch(
         [
             pa.array(hashes, pa.string()),
@@ -103,20 +103,15 @@ def _write(
     )
     try:
         folder.mkdir(exist_ok=True)
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as w:
+        with (
+            atomic_path(folder / name) as tmp,
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_file(sink, batch.schema) as w,
+        ):
             w.write_batch(batch)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # a crash must not leave a renamed file without its data
-        finally:
-            os.close(fd)
-        os.replace(tmp, folder / name)
         return folder / name
     except (OSError, pa.ArrowException):  # read-only store, full disk: the prints are optional
         return None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def _segments(store: Path) -> list[Path]:
