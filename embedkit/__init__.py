@@ -51,6 +51,9 @@ _EXPORTS = {
     "export_store": "store.writer",
     "extract": "extraction.run",
     "find_duplicates": "index.duplicates",
+    "find_file_duplicates": "index.file_duplicates",
+    "FileDuplicates": "index.file_duplicates",
+    "move_file_duplicates": "index.file_duplicates",
     "find_images": "images.sources",
     "imagenet_labels": "models.labels",
     "Embedder": "models.embedder",
@@ -116,6 +119,7 @@ if TYPE_CHECKING:
         group_duplicates,
         move_duplicates,
     )
+    from .index.file_duplicates import FileDuplicates, find_file_duplicates, move_file_duplicates
     from .index.keep import KEEP_RULES
     from .index.lifecycle import IndexReport, index_store, open_index
     from .index.ram import Index
@@ -187,6 +191,9 @@ __all__ = [
     "export_store",
     "extract",
     "find_duplicates",
+    "find_file_duplicates",
+    "FileDuplicates",
+    "move_file_duplicates",
     "find_images",
     "imagenet_labels",
     "knn_classify",

@@ -194,7 +194,14 @@ class KeepChoice(str, enum.Enum):
 @app.command("duplicates")
 @run_command
 def duplicates_cmd(
-    store: StoreArg,
+    store: Annotated[
+        Path,
+        typer.Argument(
+            help="A store (from `embedkit extract`): embeddings and pixels. Or a folder of "
+            "images (or an image list): pixels and bytes only, no model, no store written.",
+            show_default=False,
+        ),
+    ],
     threshold: Annotated[
         float | None,
         typer.Option(
@@ -253,16 +260,29 @@ def duplicates_cmd(
     """Group exact and near duplicates, suggest a keeper per group, list or move aside the rest.
 
     Exact: same content hash. Near: resized, re-compressed, greyscale, recoloured, mirrored,
-    EXIF-turned copies confirmed by their pixels, and (outside homogeneous collections)
-    cropped, rotated or overlaid copies whose embeddings are above the calibrated threshold.
+    EXIF-turned, slightly cropped or turned copies confirmed by their pixels, and (outside
+    homogeneous collections) copies whose embeddings are above the calibrated threshold.
     Groups are stars around one centre, never chains. Nothing is ever deleted.
+
+    On a folder of images (no store): `embedkit duplicates ~/Pictures` compares pixels and
+    bytes only, without a model (seconds for thousands of files); extract a store first for
+    the embedding's view too (heavier crops and overlays).
     """
     fmt = _format(json_, csv_)
+    if not (store / "manifest.json").exists() and store.exists():
+        _file_duplicates(store, threshold, verify, k, keep, to_remove, move_to, explain, fmt)
+        return
     groups = find_duplicates(store, threshold, k=k, keep=keep.value, verify=verify, log=_log)
     if move_to is not None:
         report = move_duplicates(groups, store, move_to)
         _print_moves(report, fmt, "moved")
         return
+    _print_groups(groups, fmt, to_remove, explain)
+
+
+def _print_groups(
+    groups: list[DuplicateGroup], fmt: OutputFormat, to_remove: bool, explain: bool, extra: str = ""
+) -> None:
     if to_remove:
         _print_to_remove(groups, fmt)
     else:
@@ -271,9 +291,42 @@ def duplicates_cmd(
     identical = sum(g.identical_copies for g in groups)
     summary = (
         f"{len(groups)} groups, {images} images in groups "
-        f"({images - len(groups)} redundant copies, {identical} of them byte-identical)"
+        f"({images - len(groups)} redundant copies, {identical} of them byte-identical){extra}"
     )
     (console if fmt is OutputFormat.table and not to_remove else err_console).print(summary)
+
+
+def _file_duplicates(
+    source: Path,
+    threshold: float | None,
+    verify: bool,
+    k: int,
+    keep: KeepChoice,
+    to_remove: bool,
+    move_to: Path | None,
+    explain: bool,
+    fmt: OutputFormat,
+) -> None:
+    """``duplicates`` of a folder that is not a store: pixels and bytes, no model."""
+    from ..index.file_duplicates import find_file_duplicates, move_file_duplicates
+    from .progress import ExtractProgress
+
+    if threshold is not None or not verify:
+        raise InvalidArgumentError(
+            f"{source} is not a store: its files are compared by their pixels, without "
+            "embeddings, so --threshold and --no-verify do not apply (run `embedkit extract` "
+            "first to use them)"
+        )
+    with ExtractProgress(enabled=fmt is OutputFormat.table, description="reading") as bar:
+        result = find_file_duplicates(source, k=k, keep=keep.value, progress=bar, log=_log)
+    for path, why in result.failures[:20]:
+        err_console.print(f"could not read {path}: {why}", soft_wrap=True, markup=False)
+    if move_to is not None:
+        _print_moves(move_file_duplicates(result, move_to), fmt, "moved")
+        return
+    unread = f"; {len(result.failures)} files could not be read" if result.failures else ""
+    among = f" among {len(result.files)} files{unread}"
+    _print_groups(result.groups, fmt, to_remove, explain, among)
 
 
 @app.command("undo-move")

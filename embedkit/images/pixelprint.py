@@ -30,17 +30,28 @@ from scipy.fft import dctn
 
 # What a fingerprint is, as a number: a stored fingerprint made under another recipe is
 # ignored (recomputed). Bump it with any change below that changes the bits.
-RECIPE = 1
+RECIPE = 2
 SIDE = 32  # thumbnail side the hashes are computed from (pHash's classic 32 x 32)
 THUMB = 16  # correlation thumbnail side
 N_ORIENT = 8  # identity, 3 turns, and the mirror of each
 CENTRE = 0.92  # the centre view keeps this fraction of each side
 VIEWS = ("whole", "centre")
-# A leading or trailing row/column whose grey levels vary less than this (of 255) is frame or
-# margin, not content: letterboxed, framed and screenshot copies (and pages whose margins a
-# crop cut) are compared on their content. At most MAX_TRIM of each side goes.
-FLAT, MAX_TRIM = 6.0, 0.25
+# A leading or trailing row/column whose grey levels vary less than FLAT times the whole
+# image's (standard deviations) is frame or margin, not content: letterboxed, framed and
+# screenshot copies (and pages whose margins a crop cut) are compared on their content. At most
+# MAX_TRIM of each side goes. Relative, so that a contrast change trims the same rows: an
+# absolute 6 grey levels trimmed a quarter of each side off low-contrast photos (a cell, the
+# moon) at 60% contrast and none at 100%, and the two no longer matched (recipe 1).
+FLAT, MAX_TRIM = 0.10, 0.25
 TRIM_SIDE = 128  # the shorter side (at least) flat borders are looked for at
+# A turned copy (a scan fed askew, a photo straightened by a few degrees) has blank triangles
+# in its corners, filled with one colour: left there, they dominate the thumbnails of
+# low-detail images (two turned textures correlated 0.84, more than with their originals) and
+# keep a turned page's margins from being trimmed like the original's. A corner region of one
+# grey level (within CORNER_TOL) that is triangle-shaped (its area at least CORNER_SHAPE of the
+# right triangle its two edge runs span, at most 3/4 of their rectangle) and small (at most
+# CORNER_MAX of the image) is painted in the grey level around it, when two corners have one.
+CORNER_TOL, CORNER_SHAPE, CORNER_MAX = 10, 0.35, 0.04
 
 _BITS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
 
@@ -75,8 +86,9 @@ def _content_box(a: np.ndarray) -> tuple[int, int, int, int]:
     # variance as E[x^2] - E[x]^2 in float64 sums: two passes instead of np.std's four
     x = a.astype(np.float32)
     x2 = x * x
-    rows = x2.mean(axis=1, dtype=np.float64) - x.mean(axis=1, dtype=np.float64) ** 2 < FLAT**2
-    cols = x2.mean(axis=0, dtype=np.float64) - x.mean(axis=0, dtype=np.float64) ** 2 < FLAT**2
+    flat = (FLAT * FLAT) * float(x2.mean(dtype=np.float64) - x.mean(dtype=np.float64) ** 2)
+    rows = x2.mean(axis=1, dtype=np.float64) - x.mean(axis=1, dtype=np.float64) ** 2 < flat
+    cols = x2.mean(axis=0, dtype=np.float64) - x.mean(axis=0, dtype=np.float64) ** 2 < flat
     if rows.all() or cols.all():
         return whole  # no content row or column to trim to
 
@@ -89,6 +101,43 @@ def _content_box(a: np.ndarray) -> tuple[int, int, int, int]:
     if h - top - bottom < 4 or w - left - right < 4:
         return whole  # (nearly) all flat: nothing to trim to
     return left, top, w - right, h - bottom
+
+
+def _corner_mask(a: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(mask, grey level) of the blank corner triangles a small turn left in ``a`` (H, W),
+    or None when fewer than two corners have one."""
+    from scipy import ndimage
+
+    h, w = a.shape
+    if h < 8 or w < 8:
+        return None
+    x = a.astype(np.int16)
+    mask = np.zeros((h, w), dtype=bool)
+    found = 0
+    for y0, x0 in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+        # the runs of the corner's grey level along its row and column bound the triangle;
+        # only that box is labelled (a few pixels, not the image)
+        v = x[y0, x0]
+        row = np.abs(x[y0, ::-1] - v) > CORNER_TOL if x0 else np.abs(x[y0] - v) > CORNER_TOL
+        col = np.abs(x[::-1, x0] - v) > CORNER_TOL if y0 else np.abs(x[:, x0] - v) > CORNER_TOL
+        run_x, run_y = int(np.argmax(row)), int(np.argmax(col))  # 0: the whole side is one run
+        if run_x < 2 or run_y < 2 or 0.5 * run_x * run_y > CORNER_MAX * h * w:
+            continue
+        ys = slice(h - run_y, h) if y0 else slice(0, run_y)
+        xs = slice(w - run_x, w) if x0 else slice(0, run_x)
+        labels, _ = ndimage.label(np.abs(x[ys, xs] - v) <= CORNER_TOL)
+        region = labels == labels[y0 - ys.start, x0 - xs.start]
+        area = int(region.sum())
+        if not CORNER_SHAPE * 0.5 * run_x * run_y <= area <= 0.75 * run_x * run_y:
+            continue  # not a triangle: a flat patch or frame of its own, not a turn's corner
+        mask[ys, xs] |= region
+        found += 1
+    if found < 2:
+        return None
+    ring = ndimage.binary_dilation(mask, iterations=2) & ~mask
+    if not ring.any():
+        return None
+    return mask, int(np.median(a[ring]))
 
 
 def trim_flat_border(a: np.ndarray) -> np.ndarray:
@@ -109,7 +158,14 @@ def grey_views(img: Image.Image) -> np.ndarray:
     # and a border located to within ``f`` pixels moves a 32 x 32 thumbnail by < 1/4 pixel.
     f = max(1, min(grey.size) // TRIM_SIDE)
     small = grey.reduce(f) if f > 1 else grey
-    left, top, right, bottom = (c * f for c in _content_box(np.asarray(small)))
+    a = np.asarray(small)
+    corners = _corner_mask(a)
+    if corners is not None:
+        mask, level = corners
+        a = np.where(mask, np.uint8(level), a)
+        grey = grey.copy()
+        grey.paste(level, mask=Image.fromarray(mask).resize(grey.size, Image.Resampling.NEAREST))
+    left, top, right, bottom = (c * f for c in _content_box(a))
     right = grey.width if right >= small.width * f else right
     bottom = grey.height if bottom >= small.height * f else bottom
     h, w = bottom - top, right - left

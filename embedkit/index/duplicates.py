@@ -266,9 +266,12 @@ def _edges(
     hashes: Any,
     cal: Calibration,
     fp: Fingerprints | None,
+    *,
+    embedding: bool = True,
 ) -> _Edges:
     """Judge every candidate pair: identical bytes, pixels confirm, or (outside homogeneous
-    collections) the embedding alone is at or above the calibrated threshold."""
+    collections) the embedding alone is at or above the calibrated threshold. Without an
+    ``embedding`` (files compared by pixels alone) the reasons name no cosine."""
     edges = _Edges([], [], [], [], [])
     if not cand:
         return edges
@@ -299,7 +302,7 @@ def _edges(
             ev, why = "identical", "same content hash (byte-identical files)"
         elif pix is not None and pix.confirmed[i]:
             ev = "pixels"
-            why = f"pixels: {pix.describe(i)}; {emb}"
+            why = f"pixels: {pix.describe(i)}" + (f"; {emb}" if embedding else "")
         elif c >= cal.threshold and not cal.homogeneous:
             ev = "embedding"
             if pix is None or not (fp is not None and fp.ok[ra] and fp.ok[rb]):
@@ -397,7 +400,8 @@ def group_duplicates(
     log: Log | None = None,
     pixels: Fingerprints | None = None,
 ) -> list[DuplicateGroup]:
-    """Duplicate groups among rows of ``vectors``.
+    """Duplicate groups among rows of ``vectors`` (or, with ``vectors=None``, among images
+    compared by their pixel fingerprints alone: ``pixels`` is then required).
 
     Candidates are every row's ``k`` nearest neighbours by embedding and, when the files are
     there, by pixel thumbnail (in all 8 turns/mirrors). A candidate pair is a duplicate when
@@ -407,7 +411,10 @@ def group_duplicates(
     Groups are stars around a centre (``_star_groups``), never chains.
 
     Args:
-        vectors: float (N, D), rows aligned with ``ids`` (and ``hashes``/``paths``).
+        vectors: float (N, D), rows aligned with ``ids`` (and ``hashes``/``paths``); None
+            compares pixels only (``index.file_duplicates``): candidates are the most
+            correlated thumbnails, every pair needs pixel evidence (or identical bytes), the
+            small-warp search is on, and a member's ``score`` is its luminance correlation.
         ids: int64 (N,) ids.
         hashes: content hashes per row (exact duplicates), or None.
         threshold: embedding cosine at or above which two images are copies without pixel
@@ -429,28 +436,43 @@ def group_duplicates(
         raise InvalidArgumentError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     if k < 1:
         raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    x = vectors if isinstance(vectors, _RowView) else np.ascontiguousarray(vectors, np.float32)
     id_arr = np.asarray(ids, dtype=np.int64)
+    embedding = vectors is not None
+    if embedding:
+        x = vectors if isinstance(vectors, _RowView) else np.ascontiguousarray(vectors, np.float32)
+    elif pixels is None or not verify:
+        raise InvalidArgumentError("duplicates without vectors need the images' pixel fingerprints")
+    else:
+        # the whole views' thumbnails (zero mean, unit norm): a dot product is a correlation
+        x = np.ascontiguousarray(pixels.thumb[:, 0], dtype=np.float32)
     n = len(x)
     if n == 0:
         return []
-    if index is None:
-        index = Index.build(x, id_arr, metric="cosine")
-    elif index.metric != "cosine":
-        raise InvalidArgumentError("duplicates need a cosine index; rebuild with --metric cosine")
-    cal = calibrate(x)
-    if threshold is not None:
-        cal = dataclasses.replace(cal, threshold=threshold, homogeneous=False)
-    if log is not None:
-        log(cal.describe())
-    cand = _candidates(x, index, k, id_arr)
     fp = None
+    if embedding:
+        if index is None:
+            index = Index.build(x, id_arr, metric="cosine")
+        elif index.metric != "cosine":
+            raise InvalidArgumentError(
+                "duplicates need a cosine index; rebuild with --metric cosine"
+            )
+        cal = calibrate(x)
+        if threshold is not None:
+            cal = dataclasses.replace(cal, threshold=threshold, homogeneous=False)
+        if log is not None:
+            log(cal.describe())
+        cand = _candidates(x, index, k, id_arr)
+    else:
+        # the embedding decides nothing (there is none); ``homogeneous`` turns the warps on
+        cal, cand = Calibration(0.0, 0.0, 1.0, True, 0), {}
+        if log is not None:
+            log("no embeddings: pairs are judged by their pixels (and identical bytes) alone")
     if verify and (pixels is not None or paths is not None):
         fp = pixels if pixels is not None else fingerprints(list(paths or []))
         extra = _pixel_candidates(fp, k) - cand.keys()
         if extra:
             cand.update(_cosines(x, sorted(extra)))
-        if fp.errors and log is not None:
+        if fp.errors and log is not None and embedding:
             log(
                 f"{len(fp.errors)} files could not be read for pixel checks; their pairs rest "
                 "on the embedding alone"
@@ -467,7 +489,7 @@ def group_duplicates(
         missing = [p for p in pairs if p not in cand]
         if missing:
             cand.update(_cosines(x, missing))
-    edges = _edges(x, cand, hashes, cal, fp)
+    edges = _edges(x, cand, hashes, cal, fp, embedding=embedding)
     edge_of = {
         (min(a, b), max(a, b)): e for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True))
     }

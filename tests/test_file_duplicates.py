@@ -1,0 +1,158 @@
+"""Duplicates of a folder that is not a store: pixels and bytes, no model, no store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from skimage import data as skdata
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+from embedkit.errors import InvalidArgumentError
+from embedkit.index.file_duplicates import find_file_duplicates, move_file_duplicates
+
+runner = CliRunner()
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "moon", "brick", "grass")
+
+
+def _photos(root: Path) -> dict[str, set[str]]:
+    """Real photos, some with edited copies (in a subfolder too); returns family -> files."""
+    root.mkdir(parents=True)
+    (root / "sub").mkdir()
+    families: dict[str, set[str]] = {}
+    for name in PHOTOS:
+        im = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+        p = root / f"{name}.jpg"
+        im.save(p, quality=92)
+        families[name] = {str(p)}
+    cat = Image.open(root / "chelsea.jpg").convert("RGB")
+    edits = {
+        "sub/chelsea_small.jpg": cat.resize((cat.width // 2, cat.height // 2)),
+        "chelsea_grey.png": cat.convert("L"),
+        "chelsea_mirror.jpg": cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "chelsea_turned.jpg": cat.rotate(4, resample=Image.Resampling.BILINEAR),
+    }
+    for rel, im in edits.items():
+        im.save(root / rel)
+        families["chelsea"].add(str(root / rel))
+    coffee = Image.open(root / "coffee.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned, displayed upright (a phone photo)
+    coffee.transpose(Image.Transpose.ROTATE_90).save(
+        root / "coffee_phone.jpg", quality=90, exif=exif.tobytes()
+    )
+    ImageEnhance.Contrast(coffee).enhance(0.6).save(root / "sub/coffee_flat.jpg", quality=90)
+    shutil.copy(root / "coffee.jpg", root / "sub/coffee_copy.jpg")  # byte-identical
+    families["coffee"] |= {str(root / f) for f in ("coffee_phone.jpg", "sub/coffee_flat.jpg")}
+    families["coffee"].add(str(root / "sub/coffee_copy.jpg"))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return families
+
+
+def test_folder_groups_real_copies_by_pixels_alone(tmp_path: Path) -> None:
+    families = _photos(tmp_path / "pics")
+    logs: list[str] = []
+    seen: list[tuple[int, int]] = []
+    result = find_file_duplicates(
+        tmp_path / "pics", progress=lambda d, t: seen.append((d, t)), log=logs.append
+    )
+    found = sorted(sorted(m.path for m in g.members) for g in result.groups)
+    want = sorted(sorted(fam) for fam in families.values() if len(fam) > 1)
+    assert found == want  # every copy found, no unrelated photo joined
+    assert len(result.files) == sum(len(f) for f in families.values()) + 1  # + broken.jpg
+    assert [Path(p).name for p, _ in result.failures] == ["broken.jpg"]
+    assert seen and seen[-1] == (len(result.files), len(result.files))
+    members = {Path(m.path).name: m for g in result.groups for m in g.members}
+    assert members["coffee_copy.jpg"].exact and members["coffee.jpg"].exact
+    assert all(m.evidence in {"pixels", "identical", "centre"} for m in members.values())
+    assert all("embedding" not in m.why for m in members.values())
+    linked = [m for m in members.values() if m.evidence == "pixels"]
+    assert linked and all("pHash distance" in m.why for m in linked)
+    # the keeper of the cat is the largest copy, not the half-size one
+    cat = next(g for g in result.groups if any("chelsea" in m.path for m in g.members))
+    assert cat.keeper.width * cat.keeper.height == 451 * 300
+    assert any("no embeddings" in s for s in logs)
+
+
+def test_folder_duplicates_import_no_model_runtime(tmp_path: Path) -> None:
+    _photos(tmp_path / "pics")
+    code = (
+        "import sys; from embedkit.index.file_duplicates import find_file_duplicates as f; "
+        f"r = f({str(tmp_path / 'pics')!r}); "
+        "print(len(r.groups), 'torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "False", "False"]
+
+
+def test_cli_on_a_folder_lists_moves_and_undoes(tmp_path: Path) -> None:
+    families = _photos(tmp_path / "pics")
+    r = runner.invoke(app, ["duplicates", str(tmp_path / "pics"), "--json"])
+    assert r.exit_code == 0, r.output
+    groups = json.loads(r.stdout)
+    assert sorted(len(g) for g in groups) == sorted(len(f) for f in families.values() if len(f) > 1)
+    r = runner.invoke(app, ["duplicates", str(tmp_path / "pics"), "--to-remove"])
+    assert r.exit_code == 0, r.output
+    to_remove = r.stdout.split()
+    assert len(to_remove) == sum(len(f) - 1 for f in families.values() if len(f) > 1)
+    aside = tmp_path / "aside"
+    r = runner.invoke(app, ["duplicates", str(tmp_path / "pics"), "--move-to", str(aside)])
+    assert r.exit_code == 0, r.output
+    assert not any(os.path.exists(p) for p in to_remove)
+    assert (aside / "sub" / "coffee_copy.jpg").exists() or (aside / "coffee.jpg").exists()
+    (undo,) = aside.glob("embedkit-undo-*.csv")
+    r = runner.invoke(app, ["undo-move", str(undo)])
+    assert r.exit_code == 0, r.output
+    assert all(os.path.exists(p) for p in to_remove)
+
+
+def test_cli_on_a_folder_refuses_embedding_options(tmp_path: Path) -> None:
+    _photos(tmp_path / "pics")
+    for extra in (["--threshold", "0.9"], ["--no-verify"]):
+        r = runner.invoke(app, ["duplicates", str(tmp_path / "pics"), *extra])
+        assert r.exit_code != 0
+        assert "not a store" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["duplicates", str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_bad_keep_rule_and_missing_folder_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError):
+        find_file_duplicates(tmp_path / "nowhere")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(InvalidArgumentError):
+        find_file_duplicates(tmp_path / "a", keep="bogus")
+    empty = find_file_duplicates(tmp_path / "a")
+    assert empty.groups == [] and empty.files == []
+    assert move_file_duplicates(empty, tmp_path / "aside").moved == []
+
+
+def test_contrast_and_turn_do_not_change_the_fingerprint_much() -> None:
+    """Recipe 2: the flat-border rule is relative (a low-contrast photo at 60% contrast was
+    trimmed a quarter per side), and a small turn's blank corner triangles are painted over."""
+    from embedkit.images.pixelprint import _content_box, _corner_mask, grey_views
+
+    moon = Image.fromarray(skdata.moon()).convert("RGB")
+    flat = ImageEnhance.Contrast(moon).enhance(0.6)
+    a = np.asarray(moon.convert("L"))
+    assert _content_box(a) == _content_box(np.asarray(flat.convert("L")))
+    page = Image.new("RGB", (420, 540), "white")
+    page.paste(Image.fromarray(skdata.text()).convert("RGB").resize((340, 120)), (40, 60))
+    turned = page.rotate(5, resample=Image.Resampling.BILINEAR)  # black corners
+    g1 = grey_views(turned)
+    corner = (slice(0, 3), slice(0, 3))
+    assert g1[0][corner].min() > 200  # painted in the margin's white, not left black
+    framed = Image.new("L", (500, 620), 0)
+    framed.paste(page.convert("L"), (40, 40))  # a frame is for trimming, not a turn's corner
+    assert _corner_mask(np.asarray(framed)) is None
+    assert _corner_mask(np.asarray(turned.convert("L"))) is not None
