@@ -29,6 +29,7 @@ from ._app import app
 from ._kit import OutputFormat, console, err_console, print_json, run_command
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory (from `embedkit extract`).")]
+SHOW_FAILURES = 20  # unreadable files listed by `duplicates FOLDER` (the rest are counted)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")]
 
@@ -319,8 +320,10 @@ def _file_duplicates(
         )
     with ExtractProgress(enabled=fmt is OutputFormat.table, description="reading") as bar:
         result = find_file_duplicates(source, k=k, keep=keep.value, progress=bar, log=_log)
-    for path, why in result.failures[:20]:
+    for path, why in result.failures[:SHOW_FAILURES]:
         err_console.print(f"could not read {path}: {why}", soft_wrap=True, markup=False)
+    if len(result.failures) > SHOW_FAILURES:
+        err_console.print(f"... and {len(result.failures) - SHOW_FAILURES} more unreadable files")
     if move_to is not None:
         _print_moves(move_file_duplicates(result, move_to), fmt, "moved")
         return
