@@ -156,3 +156,35 @@ def test_contrast_and_turn_do_not_change_the_fingerprint_much() -> None:
     framed.paste(page.convert("L"), (40, 40))  # a frame is for trimming, not a turn's corner
     assert _corner_mask(np.asarray(framed)) is None
     assert _corner_mask(np.asarray(turned.convert("L"))) is not None
+
+
+def _lined_page() -> Image.Image:
+    """A page of dark text-like lines on light paper."""
+    from PIL import ImageDraw
+
+    page = Image.new("L", (420, 540), 250)
+    draw = ImageDraw.Draw(page)
+    rng = np.random.default_rng(0)
+    for i in range(22):
+        y, w = 40 + i * 21, int(rng.integers(200, 340))
+        draw.rectangle((40, y, 40 + w, y + 9), fill=40)
+    return page.convert("RGB")
+
+
+def test_a_page_fed_askew_is_levelled_before_it_is_fingerprinted() -> None:
+    from embedkit.images.pixelprint import page_skew, pixel_prints
+    from embedkit.index.verify import Fingerprints, compare
+
+    page = _lined_page()
+    turned = page.rotate(5, resample=Image.Resampling.BILINEAR)  # black corners, lines at 5 deg
+    assert page_skew(np.asarray(page.convert("L")))[0] == 0.0
+    assert page_skew(np.asarray(turned.convert("L")))[0] == -5.0
+    cat = np.asarray(Image.fromarray(skdata.chelsea()).convert("L"))
+    assert page_skew(cat)[0] == 0.0  # a photo is not a page: left as it is
+    from embedkit.images.pixelprint import grey_views
+
+    fp = Fingerprints.empty(2)
+    for row, one in enumerate(pixel_prints(np.stack([grey_views(page), grey_views(turned)]))):
+        fp.put(row, one)
+    ev = compare(fp, np.array([0]), np.array([1]), warp=False)
+    assert ev.confirmed[0] and ev.distance[0] <= 4, ev.describe(0)

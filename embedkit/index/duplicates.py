@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -29,7 +28,8 @@ from ..images.move import MoveReport, PlannedMove, move_files
 from ..store.read import STATUS_OK, Store, open_store
 from .calibrate import Calibration, calibrate
 from .choice import FLAT_MAX_WORK
-from .keep import DEFAULT_KEEP, check_keep_rule, choose_keeper
+from .groups import META, DuplicateGroup, DuplicateMember, Edges, star_groups
+from .keep import DEFAULT_KEEP, check_keep_rule
 from .lifecycle import Log, open_synced
 from .ondisk import OnDiskIndex
 from .ram import Index
@@ -55,109 +55,6 @@ NEAR_BEST = 2  # pHash bits a weak pixel match may be above an image's best matc
 BATCH = 4096  # queries per index search: bounds the (BATCH, k) result arrays
 
 
-@dataclass(frozen=True)
-class DuplicateMember:
-    """One image of a group.
-
-    Attributes:
-        id: store id.
-        path: absolute path, or None for bare arrays.
-        score: this member's best cosine similarity to any other member of the group (its
-            closest copy, not an arbitrary leader): at least the threshold for a member that
-            joined by similarity, 1.0 for a byte-identical copy.
-        exact: another member of the group has the same content hash (a byte-identical copy).
-        identical_to: ids of the other members with the same content hash, ascending.
-        closest: id of the member that ``score`` is measured against.
-        width, height, size, mtime_ns: as recorded in the store (None for bare arrays).
-        keep: the suggested keeper of its group (see ``index.keep``); the others are the
-            copies ``--to-remove`` lists.
-        evidence: what put this member in its group: ``identical`` (same content hash),
-            ``pixels`` (pHash/correlation confirmed), ``embedding`` (cosine above the
-            threshold, pixels not confirming or unreadable), or ``centre`` (the member the
-            others are linked to).
-        linked_to: id of the member whose pair with this one was accepted (None: centre).
-        why: the evidence in words, with the numbers (``duplicates --explain``).
-    """
-
-    id: int
-    path: str | None
-    score: float
-    exact: bool
-    identical_to: tuple[int, ...] = ()
-    closest: int | None = None
-    width: int | None = None
-    height: int | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    keep: bool = False
-    evidence: str = "embedding"
-    linked_to: int | None = None
-    why: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["identical_to"] = list(self.identical_to)
-        return d
-
-
-@dataclass(frozen=True)
-class DuplicateGroup:
-    """Images that are copies of each other; the first member is the representative (the
-    earliest stored) and the rest follow by decreasing best similarity."""
-
-    members: tuple[DuplicateMember, ...]
-
-    @property
-    def keeper(self) -> DuplicateMember:
-        """The member to keep: the one marked ``keep``, else the first."""
-        return next((m for m in self.members if m.keep), self.members[0])
-
-    @property
-    def to_remove(self) -> tuple[DuplicateMember, ...]:
-        """Every member but the keeper."""
-        keeper = self.keeper
-        return tuple(m for m in self.members if m is not keeper)
-
-    @property
-    def identical_pairs(self) -> int:
-        """Pairs of members with the same content hash (a sub-group of m copies is m(m-1)/2)."""
-        return sum(len(m.identical_to) for m in self.members) // 2
-
-    @property
-    def identical_copies(self) -> int:
-        """Members that could go because a byte-identical copy stays: per sub-group of m
-        identical files, m - 1."""
-        seen: set[int] = set()
-        copies = 0
-        for m in self.members:
-            if m.identical_to and m.id not in seen:
-                seen.update(m.identical_to)
-                seen.add(m.id)
-                copies += len(m.identical_to)
-        return copies
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"keeper": self.keeper.id, "members": [m.to_dict() for m in self.members]}
-
-    def with_keeper(
-        self, rule: str, meta: dict[int, tuple[Any, ...]] | None = None
-    ) -> DuplicateGroup:
-        """This group with recorded file facts filled in (``meta``: id -> (width, height, size,
-        mtime_ns)) and the keeper chosen by ``rule``."""
-        members = [
-            dataclasses.replace(m, **dict(zip(_META, meta[m.id], strict=True)))
-            if meta is not None and m.id in meta
-            else m
-            for m in self.members
-        ]
-        pick = choose_keeper(members, rule)
-        members = [dataclasses.replace(m, keep=i == pick) for i, m in enumerate(members)]
-        return DuplicateGroup(tuple(members))
-
-
-_META = ("width", "height", "size", "mtime_ns")
-
-
 class _RowView:
     """Some rows of a (memory-mapped) array, read block by block, never all at once."""
 
@@ -169,17 +66,6 @@ class _RowView:
 
     def __getitem__(self, item: Any) -> np.ndarray:
         return np.asarray(self.array[self.rows[item]], dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class _Edges:
-    """Accepted pairs (row a, row b) with their evidence, one entry per unordered pair."""
-
-    a: list[int]
-    b: list[int]
-    cosine: list[float]
-    evidence: list[str]  # identical / pixels / embedding
-    why: list[str]
 
 
 def _candidates(x: Any, index: Index | OnDiskIndex, k: int, id_arr: np.ndarray) -> dict:
@@ -268,11 +154,11 @@ def _edges(
     fp: Fingerprints | None,
     *,
     embedding: bool = True,
-) -> _Edges:
+) -> Edges:
     """Judge every candidate pair: identical bytes, pixels confirm, or (outside homogeneous
     collections) the embedding alone is at or above the calibrated threshold. Without an
     ``embedding`` (files compared by pixels alone) the reasons name no cosine."""
-    edges = _Edges([], [], [], [], [])
+    edges = Edges([], [], [], [], [])
     if not cand:
         return edges
     pairs = np.array(sorted(cand), dtype=np.int64)
@@ -339,52 +225,6 @@ def _near_best_only(pix: PixelEvidence, a: np.ndarray, b: np.ndarray) -> PixelEv
     near = d <= np.maximum(best[a], best[b]) + NEAR_BEST
     keep = pix.confirmed & ((pix.distance <= HASH_ALONE) | near)
     return dataclasses.replace(pix, confirmed=keep)
-
-
-_RANK = {"identical": 2, "pixels": 1, "embedding": 0}
-
-
-def _star_groups(n: int, edges: _Edges) -> list[tuple[list[int], dict[int, int]]]:
-    """Groups without chaining: greedy star clustering over the accepted edges.
-
-    The row with the most accepted edges (ties: more identical/pixel evidence, then the
-    earliest row) becomes a centre and takes its unassigned direct neighbours; repeat. A row
-    left with edges only to members of other groups joins the group of its best such
-    neighbour (so every member is at most two accepted edges from its centre, never a chain
-    across the collection). Returns (rows, row -> the row it is linked to) per group.
-    """
-    adj: dict[int, dict[int, int]] = {}
-    for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True)):
-        adj.setdefault(a, {})[b] = e
-        adj.setdefault(b, {})[a] = e
-
-    def strength(r: int) -> tuple[int, int, int]:
-        return (len(adj[r]), sum(_RANK[edges.evidence[e]] for e in adj[r].values()), -r)
-
-    group_of: dict[int, int] = {}
-    groups: list[tuple[list[int], dict[int, int]]] = []
-    for centre in sorted(adj, key=strength, reverse=True):
-        if centre in group_of:
-            continue
-        members = [r for r in adj[centre] if r not in group_of]
-        if not members:
-            continue
-        g = len(groups)
-        groups.append(([centre, *members], {m: centre for m in members}))
-        for r in (centre, *members):
-            group_of[r] = g
-    for r in sorted(adj):
-        if r in group_of:
-            continue
-        best = max(
-            adj[r],
-            key=lambda o: (_RANK[edges.evidence[adj[r][o]]], edges.cosine[adj[r][o]]),
-        )
-        g = group_of[best]
-        groups[g][0].append(r)
-        groups[g][1][r] = best
-        group_of[r] = g
-    return groups
 
 
 def group_duplicates(
@@ -494,7 +334,7 @@ def group_duplicates(
         (min(a, b), max(a, b)): e for e, (a, b) in enumerate(zip(edges.a, edges.b, strict=True))
     }
     groups = []
-    for rows, link in _star_groups(n, edges):
+    for rows, link in star_groups(n, edges):
         rows_arr = np.array(sorted(rows), dtype=np.int64)
         v = np.asarray(x[rows_arr], dtype=np.float32)
         unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
@@ -524,7 +364,7 @@ def _group(
     hashes: Any,
     paths: list[str] | None,
     link: dict[int, int] | None = None,
-    edges: _Edges | None = None,
+    edges: Edges | None = None,
     edge_of: dict[tuple[int, int], int] | None = None,
 ) -> DuplicateGroup:
     """``rows`` ascending, so the first is the earliest stored.
@@ -616,7 +456,7 @@ def _file_facts(st: Store, ids: set[int]) -> dict[int, tuple[Any, ...]]:
         return {}
     t = st.table.filter(pc.equal(st.table["status"], STATUS_OK))
     t = t.filter(pc.is_in(t["id"], pa.array(sorted(ids), pa.int64())))
-    cols = [t[c].to_pylist() for c in ("id", *_META)]
+    cols = [t[c].to_pylist() for c in ("id", *META)]
     return {row[0]: tuple(row[1:]) for row in zip(*cols, strict=True)}
 
 
@@ -624,6 +464,7 @@ def _find(
     st: Store, threshold: float | None, k: int, verify: bool, log: Log | None
 ) -> tuple[list[DuplicateGroup], Store]:
     index, st = open_synced(st, log=log)  # st: the commit the index was brought to
+    vectors: Any
     if isinstance(index, OnDiskIndex):
         # Past RAM: the queries are the index's own memory-mapped vectors, read block by block;
         # the store's vectors are never loaded.
@@ -639,34 +480,22 @@ def _find(
         aligned = bool(np.array_equal(rows, np.arange(len(rows))))
         hashes = st.hashes if aligned else [st.hashes[r] for r in rows.tolist()]
         paths = st.abspaths if aligned else [st.abspath(r) for r in rows.tolist()]
-        view = _RowView(index.vectors, alive)
-        groups = group_duplicates(
-            view,
-            ids,
-            hashes,
-            threshold,
-            k=k,
-            index=index,
-            paths=paths,
-            verify=verify,
-            log=log,
-            pixels=_pixels(st, paths, hashes, log) if verify else None,
-        )
-        return groups, st
-    if index.metric != "cosine":
-        index = Index.build(st.vectors, st.ids, metric="cosine")  # an l2 index: a cosine one here
-    paths = st.abspaths
+        vectors = _RowView(index.vectors, alive)
+    else:
+        if index.metric != "cosine":  # an l2 index: a cosine one here
+            index = Index.build(st.vectors, st.ids, metric="cosine")
+        vectors, ids, hashes, paths = st.vectors, st.ids, st.hashes, st.abspaths
     groups = group_duplicates(
-        st.vectors,
-        st.ids,
-        st.hashes,
+        vectors,
+        ids,
+        hashes,
         threshold,
         k=k,
         index=index,
         paths=paths,
         verify=verify,
         log=log,
-        pixels=_pixels(st, paths, st.hashes, log) if verify else None,
+        pixels=_pixels(st, paths, hashes, log) if verify else None,
     )
     return groups, st
 

@@ -24,7 +24,8 @@ from ..images.decode import ImageDecodeError, content_hash, open_rgb, read_image
 from ..images.move import MoveReport, PlannedMove, move_files
 from ..images.pixelprint import grey_views, pixel_prints
 from ..images.sources import FoundFile, find_images
-from .duplicates import DEFAULT_K, DuplicateGroup, group_duplicates
+from .duplicates import DEFAULT_K, group_duplicates
+from .groups import DuplicateGroup
 from .keep import DEFAULT_KEEP, check_keep_rule
 from .lifecycle import Log
 from .verify import DRAFT, READ_BLOCK, Fingerprints

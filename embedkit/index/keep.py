@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from .duplicates import DuplicateMember
+    from .groups import DuplicateMember
 
 KeepRule = Literal["best", "resolution", "size", "oldest", "newest"]
 KEEP_RULES: tuple[str, ...] = get_args(KeepRule)
