@@ -61,7 +61,9 @@ CORNER_TOL, CORNER_SHAPE, CORNER_MAX = 10, 0.35, 0.04
 # and textures are not page-like and are left as they are.
 PAGE, PAGE_TOL = 0.6, 12
 SKEW_ANGLES = tuple(float(d) for d in range(-8, 9) if d)  # degrees
-SKEW_GAIN = 1.5
+# Levelled text lines: a row profile 7.6-60x sharper than 5 degrees off (rendered pages);
+# pictures that pass as page-like (a grey moon) gain at most ~1.8 from any turn.
+SKEW_GAIN = 3.0
 _SKEW_TAN = np.tan(np.deg2rad(np.array((0.0, *SKEW_ANGLES))))  # the shears, as is first
 
 _BITS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
@@ -159,13 +161,16 @@ def page_skew(a: np.ndarray) -> tuple[float, int]:
     Each candidate turn is scored by how sharply the ink's row profile alternates (level text
     lines: high) under the shear that approximates that turn, all angles in one ``bincount``
     of the ink pixels (turning the image 16 times cost ~10x more)."""
-    level = int(np.median(a))
+    hist = np.bincount(a.ravel(), minlength=256)
+    level = int(np.argmax(hist))  # the paper's grey: the commonest level
     h, w = a.shape
-    if h < 16 or w < 16:
+    if (
+        h < 16
+        or w < 16
+        or hist[max(0, level - PAGE_TOL) : level + PAGE_TOL + 1].sum() < PAGE * a.size
+    ):
         return 0.0, level
     off = np.abs(a.astype(np.int16) - level)
-    if np.mean(off <= PAGE_TOL) < PAGE:
-        return 0.0, level
     ys, xs = np.nonzero(off > PAGE_TOL)  # the ink (dark on light paper or the other way)
     if len(ys) < 32:
         return 0.0, level
