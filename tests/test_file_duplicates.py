@@ -188,3 +188,27 @@ def test_a_page_fed_askew_is_levelled_before_it_is_fingerprinted() -> None:
         fp.put(row, one)
     ev = compare(fp, np.array([0]), np.array([1]), warp=False)
     assert ev.confirmed[0] and ev.distance[0] <= 4, ev.describe(0)
+
+
+def test_a_store_inside_the_folder_is_not_walked(tmp_path: Path) -> None:
+    """`extract ~/Pictures --store ~/Pictures/pics.store`, then `serve` caches thumbnails in
+    the store: neither extract nor duplicates may take them for photos."""
+    from collections import Counter
+
+    from embedkit.extraction.run import extract
+    from embedkit.images.sources import _STORE_FORMAT, find_images
+    from embedkit.store.read import FORMAT_NAME
+
+    assert _STORE_FORMAT == f'"{FORMAT_NAME}"'.encode()
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.fromarray(skdata.chelsea()).save(pics / "cat.jpg")
+    Image.fromarray(skdata.coffee()).save(pics / "coffee.jpg")
+    store = pics / "pics.store"
+    extract([pics], store, model="test_efficientnet", random_init=True, workers=0)
+    (store / "thumbs").mkdir()
+    Image.fromarray(skdata.chelsea()).resize((120, 80)).save(store / "thumbs" / "1.jpg")
+    skipped: Counter[str] = Counter()
+    found, _ = find_images(pics, skipped=skipped)
+    assert [f.path for f in found] == ["cat.jpg", "coffee.jpg"] and skipped["store"] == 1
+    assert find_file_duplicates(pics).groups == []  # the thumbnail is no copy of the cat

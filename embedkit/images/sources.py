@@ -36,7 +36,20 @@ SKIP_KINDS = {
     "heic": "HEIC/HEIF (pip install pillow-heif)",
     "avif": "AVIF (Pillow built without libavif)",
     "other": "unknown suffix",
+    "store": "embedkit store folder (its thumbnails are not photos)",
 }
+# What an embedkit store's manifest.json says it is (``store.read.FORMAT_NAME``; not imported:
+# this module stays free of pyarrow). A store inside a walked folder is skipped whole.
+_STORE_FORMAT = b'"embedkit-store"'
+
+
+def is_store_dir(path: str) -> bool:
+    """Whether ``path`` is an embedkit store (its manifest names the store format)."""
+    try:
+        with open(os.path.join(path, "manifest.json"), "rb") as f:
+            return _STORE_FORMAT in f.read(4096)
+    except OSError:
+        return False
 
 
 def skip_kind(name: str) -> str:
@@ -233,7 +246,12 @@ def _walk(
             except OSError:
                 is_dir = False  # a looping or unreadable link; judged below by its suffix
             if is_dir:
-                subdirs.append((entry.path, child, ancestors | {key}))
+                if is_store_dir(entry.path):
+                    # a store kept beside the photos (`extract ~/Pictures --store
+                    # ~/Pictures/pics.store`): `serve` caches thumbnails in it
+                    skipped["store"] += 1
+                else:
+                    subdirs.append((entry.path, child, ancestors | {key}))
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
                 skipped[skip_kind(entry.name)] += 1

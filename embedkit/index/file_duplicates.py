@@ -23,7 +23,7 @@ import numpy as np
 from ..images.decode import ImageDecodeError, content_hash, open_rgb, read_image_file
 from ..images.move import MoveReport, PlannedMove, move_files
 from ..images.pixelprint import grey_views, pixel_prints
-from ..images.sources import FoundFile, find_images
+from ..images.sources import SKIP_KINDS, FoundFile, find_images
 from .duplicates import DEFAULT_K, group_duplicates
 from .groups import DuplicateGroup
 from .keep import DEFAULT_KEEP, check_keep_rule
@@ -131,7 +131,8 @@ def find_file_duplicates(
                 progress(min(start + READ_BLOCK, n), n)
     if log is not None:
         if skipped:
-            log(f"not images, skipped: {dict(skipped)}")
+            kinds = ", ".join(f"{n} {SKIP_KINDS[k]}" for k, n in skipped.most_common())
+            log(f"skipped (not compared): {kinds}")
         if failures:
             log(f"{len(failures)} files could not be read; they are in no group")
     groups = group_duplicates(
