@@ -133,6 +133,7 @@ def test_bad_keep_rule_and_missing_folder_are_clear_errors(tmp_path: Path) -> No
     with pytest.raises(InvalidArgumentError):
         find_file_duplicates(tmp_path / "a", keep="bogus")
     empty = find_file_duplicates(tmp_path / "a")
+    assert find_file_duplicates([str(tmp_path / "a")]).files == []
     assert empty.groups == [] and empty.files == []
     assert move_file_duplicates(empty, tmp_path / "aside").moved == []
 

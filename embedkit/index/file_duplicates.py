@@ -104,6 +104,9 @@ def find_file_duplicates(
         InvalidArgumentError: a source does not exist, or ``keep`` / ``k`` is not valid.
     """
     check_keep_rule(keep)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = [os.path.expanduser(os.fspath(s)) for s in sources]  # "~/Pictures" from Python
     skipped: Counter[str] = Counter()
     files, scan_failures = find_images(sources, skipped=skipped)
     failures = [(os.path.join(f.root, f.path), f.detail or f.reason) for f in scan_failures]
