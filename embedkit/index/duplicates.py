@@ -506,7 +506,8 @@ def _pixels(st: Store, paths: list[str], hashes: list[str], log: Log | None) -> 
     if decoded and log is not None:
         log(
             f"pixel fingerprints: {decoded} of {len(paths)} files decoded (the store kept none "
-            "for them: made before fingerprints were kept, or by the Ray engine); kept now"
+            "for them: made before fingerprints were kept, under an older fingerprint recipe, "
+            "or by the Ray engine); kept now"
         )
     return fp
 
