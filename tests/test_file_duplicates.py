@@ -213,3 +213,19 @@ def test_a_store_inside_the_folder_is_not_walked(tmp_path: Path) -> None:
     found, _ = find_images(pics, skipped=skipped)
     assert [f.path for f in found] == ["cat.jpg", "coffee.jpg"] and skipped["store"] == 1
     assert find_file_duplicates(pics).groups == []  # the thumbnail is no copy of the cat
+
+
+def test_flat_images_are_not_copies_by_their_pixels(tmp_path: Path) -> None:
+    """A blank page, a black frame and a red dot hash alike (no structure): not copies."""
+    d = tmp_path / "flat"
+    d.mkdir()
+    Image.new("RGB", (300, 400), "white").save(d / "blank.png")
+    Image.new("RGB", (640, 480), "black").save(d / "black.jpg")
+    Image.new("RGB", (1, 1), "red").save(d / "dot.png")
+    Image.new("L", (2, 900), 30).save(d / "line.png")
+    shutil.copy(d / "blank.png", d / "blank_copy.png")  # byte-identical: still a copy
+    groups = find_file_duplicates(d).groups
+    assert [sorted(Path(m.path).name for m in g.members) for g in groups] == [
+        ["blank.png", "blank_copy.png"]
+    ]
+    assert all(m.evidence in {"identical", "centre"} for m in groups[0].members)

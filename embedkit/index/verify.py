@@ -314,10 +314,15 @@ class PixelEvidence:
         )
 
 
+def _structured(fp: Fingerprints, rows: np.ndarray) -> np.ndarray:
+    """(P,) bool: the whole view of each row has some structure (a non-zero thumbnail)."""
+    return np.asarray((fp.thumb[rows, 0] != 0).any(axis=1))
+
+
 def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray, *, warp: bool = True) -> PixelEvidence:
     """For row pairs (a[i], b[i]): the pHash distance and thumbnail correlation of the view
     pair and orientation of b (against a as displayed) with the smallest distance. Pairs with
-    an unreadable side are never confirmed.
+    an unreadable or flat (one grey level) side are never confirmed.
 
     Args:
         fp: the fingerprints.
@@ -348,7 +353,9 @@ def compare(fp: Fingerprints, a: np.ndarray, b: np.ndarray, *, warp: bool = True
     dh = np.minimum(
         hamming(fp.dhash[a, 0], fp.dhash[b, 0]), hamming(fp.dhash[a, 1], fp.dhash[b, 1])
     )
-    ok = fp.ok[a] & fp.ok[b]
+    # A flat image (one grey level: blank, a solid colour) has a zero thumbnail and hashes
+    # that say nothing: a blank white page and a black frame are not copies by their pixels.
+    ok = fp.ok[a] & fp.ok[b] & _structured(fp, a) & _structured(fp, b)
     confirmed = ok & (
         (best_d <= HASH_ALONE)
         | ((best_d <= HASH_WITH_CORR) & (best_c >= CORR))
