@@ -150,13 +150,14 @@ def test_contrast_and_turn_do_not_change_the_fingerprint_much() -> None:
     page = Image.new("RGB", (420, 540), "white")
     page.paste(Image.fromarray(skdata.text()).convert("RGB").resize((340, 120)), (40, 60))
     turned = page.rotate(5, resample=Image.Resampling.BILINEAR)  # black corners
-    g1 = grey_views(turned)
-    corner = (slice(0, 3), slice(0, 3))
-    assert g1[0][corner].min() > 200  # painted in the margin's white, not left black
+    painted = _corner_mask(np.asarray(turned.convert("L")))
+    assert painted is not None
+    mask, level = painted
+    assert mask[0, 0] and mask[-1, -1] and level > 200  # the black corners, in the margin's white
+    assert grey_views(turned).shape == (2, 32, 32)
     framed = Image.new("L", (500, 620), 0)
     framed.paste(page.convert("L"), (40, 40))  # a frame is for trimming, not a turn's corner
     assert _corner_mask(np.asarray(framed)) is None
-    assert _corner_mask(np.asarray(turned.convert("L"))) is not None
 
 
 def _lined_page() -> Image.Image:
@@ -229,3 +230,15 @@ def test_flat_images_are_not_copies_by_their_pixels(tmp_path: Path) -> None:
         ["blank.png", "blank_copy.png"]
     ]
     assert all(m.evidence in {"identical", "centre"} for m in groups[0].members)
+
+
+def test_a_hairline_at_the_edge_does_not_stop_the_margin_trim() -> None:
+    """A hairline frame (or a levelled copy's blended edge) before a flat margin: the margin
+    is still trimmed, so the page compares with its unframed original."""
+    from embedkit.images.pixelprint import _content_box
+
+    page = np.asarray(_lined_page().convert("L")).copy()
+    lined = page.copy()
+    lined[0, :] = lined[-1, :] = lined[:, 0] = lined[:, -1] = 0  # a 1-pixel black frame
+    assert _content_box(lined) == _content_box(page)
+    assert _content_box(page)[:2] != (0, 0)  # the margins are trimmed at all

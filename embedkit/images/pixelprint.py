@@ -46,6 +46,7 @@ VIEWS = ("whole", "centre")
 # moon) at 60% contrast and none at 100%, and the two no longer matched (recipe 1).
 FLAT, MAX_TRIM = 0.10, 0.25
 TRIM_SIDE = 128  # the shorter side (at least) flat borders are looked for at
+EDGE_LINES = 2  # non-flat lines at the very edge a flat border may start after
 # A turned copy (a scan fed askew, a photo straightened by a few degrees) has blank triangles
 # in its corners, filled with one colour: left there, they dominate the thumbnails of
 # low-detail images (two turned textures correlated 0.84, more than with their originals) and
@@ -100,13 +101,27 @@ def _content_box(a: np.ndarray) -> tuple[int, int, int, int]:
     x = a.astype(np.float32)
     x2 = x * x
     flat = (FLAT * FLAT) * float(x2.mean(dtype=np.float64) - x.mean(dtype=np.float64) ** 2)
-    rows = x2.mean(axis=1, dtype=np.float64) - x.mean(axis=1, dtype=np.float64) ** 2 < flat
-    cols = x2.mean(axis=0, dtype=np.float64) - x.mean(axis=0, dtype=np.float64) ** 2 < flat
+    # a row is judged without its EDGE_LINES end pixels (and a column likewise): the sides
+    # of a hairline frame cross every row and column
+    e = EDGE_LINES if min(h, w) > 4 * EDGE_LINES else 0
+    xr, xr2 = x[:, e : w - e], x2[:, e : w - e]
+    xc, xc2 = x[e : h - e], x2[e : h - e]
+    rows = xr2.mean(axis=1, dtype=np.float64) - xr.mean(axis=1, dtype=np.float64) ** 2 < flat
+    cols = xc2.mean(axis=0, dtype=np.float64) - xc.mean(axis=0, dtype=np.float64) ** 2 < flat
     if rows.all() or cols.all():
         return whole  # no content row or column to trim to
 
+    def lead(flags: np.ndarray) -> int:
+        return int(np.argmin(flags)) if not flags.all() else len(flags)
+
     def run(flags: np.ndarray, limit: int) -> int:
-        n = int(np.argmin(flags)) if not flags.all() else len(flags)
+        # up to EDGE_LINES non-flat lines at the very edge are stepped over when flat ones
+        # follow: a hairline frame, or the blended edge a turned copy keeps once levelled
+        n = lead(flags)
+        for skip in range(1, EDGE_LINES + 1):
+            m = lead(flags[skip:])
+            if m >= EDGE_LINES:
+                n = max(n, skip + m)
         return min(n, limit)
 
     top, bottom = run(rows, int(h * MAX_TRIM)), run(rows[::-1], int(h * MAX_TRIM))
