@@ -31,6 +31,7 @@ from .lifecycle import Log
 from .verify import DRAFT, READ_BLOCK, Fingerprints
 
 Progress = Callable[[int, int], None]
+PROGRESS_EVERY = 16  # files read between two progress calls
 
 
 @dataclass(frozen=True)
@@ -117,24 +118,23 @@ def find_file_duplicates(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, n, READ_BLOCK):  # N futures at once would not fit
             paths = [f.abspath for f in files[start : start + READ_BLOCK]]
-            block = list(pool.map(_read_one, paths))
             good = []
-            for i, got in enumerate(block, start):
+            for i, got in enumerate(pool.map(_read_one, paths), start):  # in order, as read
                 if isinstance(got, str):
                     failures.append((files[i].abspath, got))
                     fp.errors[i] = got
                 else:
                     facts[i] = got[0]
                     good.append((i, got[1]))
+                if progress is not None and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == n):
+                    progress(i + 1, n)
             if good:
                 prints = pixel_prints(np.stack([v for _, v in good]))
                 for (i, _), one in zip(good, prints, strict=True):
                     fp.put(i, one)
-            if progress is not None:
-                progress(min(start + READ_BLOCK, n), n)
     if log is not None:
         if skipped:
-            kinds = ", ".join(f"{n} {SKIP_KINDS[k]}" for k, n in skipped.most_common())
+            kinds = ", ".join(f"{c} {SKIP_KINDS[kind]}" for kind, c in skipped.most_common())
             log(f"skipped (not compared): {kinds}")
         if failures:
             log(f"{len(failures)} files could not be read; they are in no group")
