@@ -242,3 +242,27 @@ def test_a_hairline_at_the_edge_does_not_stop_the_margin_trim() -> None:
     lined[0, :] = lined[-1, :] = lined[:, 0] = lined[:, -1] = 0  # a 1-pixel black frame
     assert _content_box(lined) == _content_box(page)
     assert _content_box(page)[:2] != (0, 0)  # the margins are trimmed at all
+
+
+def test_a_decoder_crash_costs_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec that kills its process on a hostile file: that file is a failure, the run and
+    its groups go on (decoding runs in extraction's crash-isolated worker processes)."""
+    import signal
+
+    import embedkit.extraction.pool as pool
+
+    real = pool.open_rgb
+
+    def crashing(data, **kw):  # type: ignore[no-untyped-def]
+        if bytes(data[:5]) == b"CRASH":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(data, **kw)
+
+    monkeypatch.setattr(pool, "open_rgb", crashing)  # inherited by the forked workers
+    families = _photos(tmp_path / "pics")
+    (tmp_path / "pics" / "hostile.jpg").write_bytes(b"CRASH" + b"\0" * 100)
+    result = find_file_duplicates(tmp_path / "pics", threads=2)
+    reasons = dict(result.failures)
+    assert reasons[str(tmp_path / "pics" / "hostile.jpg")].startswith("decode_crash")
+    found = sorted(sorted(m.path for m in g.members) for g in result.groups)
+    assert found == sorted(sorted(fam) for fam in families.values() if len(fam) > 1)

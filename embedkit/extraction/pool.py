@@ -30,10 +30,12 @@ from ..images.decode import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     content_hash,
+    open_rgb,
     read_image_file,
     warnings_detail,
 )
 from ..images.model_input import load_model_input
+from ..images.pixelprint import FILE_DRAFT, grey_views
 from ..models.preprocess import Preprocess
 
 
@@ -69,14 +71,15 @@ _KNOWN_HASHES: frozenset[str] = frozenset()
 
 def decode_file(
     abspath: str,
-    preprocess: Preprocess,
+    preprocess: Preprocess | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     pixelprint: bool = True,
 ) -> Decoded:
     """Read, hash and decode one file (``images.load_model_input``, with its pixel
     fingerprint unless ``pixelprint`` is False); never raises for a bad file. A file whose
-    hash is in ``_KNOWN_HASHES`` is hashed only, not decoded."""
+    hash is in ``_KNOWN_HASHES`` is hashed only, not decoded. Without a ``preprocess``, only
+    the pixel fingerprint's grey views are made (``duplicates`` of a folder: no model input)."""
     t0 = time.perf_counter()
     digest: str | None = None
     try:
@@ -84,6 +87,8 @@ def decode_file(
         digest = content_hash(data)
         if digest in _KNOWN_HASHES:
             return Decoded("reuse", digest)
+        if preprocess is None:
+            return _fingerprint_only(data, digest, max_pixels, t0)
         mi = load_model_input(
             data, preprocess, max_pixels=max_pixels, digest=digest, pixelprint=pixelprint
         )
@@ -146,13 +151,28 @@ def _crashed() -> Decoded:
     )
 
 
+def _fingerprint_only(data: bytes, digest: str, max_pixels: int, t0: float) -> Decoded:
+    decoded = open_rgb(data, max_pixels=max_pixels, draft_size=FILE_DRAFT)
+    return Decoded(
+        "ok",
+        digest,
+        None,
+        decoded.width,
+        decoded.height,
+        decoded.n_frames,
+        detail=warnings_detail(decoded.warnings),
+        seconds=time.perf_counter() - t0,
+        views=grey_views(decoded.image),
+    )
+
+
 class DecodePool:
     """Unordered parallel ``decode_file`` over many files, isolated from decoder crashes."""
 
     def __init__(
         self,
         workers: int,
-        preprocess: Preprocess,
+        preprocess: Preprocess | None,
         *,
         known_hashes: Iterable[str] = (),
         max_pixels: int = DEFAULT_MAX_PIXELS,

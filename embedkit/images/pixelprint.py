@@ -33,6 +33,10 @@ from PIL import Image
 # ignored (recomputed). Bump it with any change below that changes the bits.
 RECIPE = 2
 SIDE = 32  # thumbnail side the hashes are computed from (pHash's classic 32 x 32)
+# JPEG draft decoding for files fingerprinted without a model's draft size (a folder compared by
+# pixels alone, bare arrays with paths): keeps at least this shorter side, ~10x faster than
+# full size. A store's files use its model's draft size instead (what extraction computed).
+FILE_DRAFT = 64
 THUMB = 16  # correlation thumbnail side
 N_ORIENT = 8  # identity, 3 turns, and the mirror of each
 CENTRE = 0.92  # the centre view keeps this fraction of each side
@@ -159,11 +163,12 @@ def _corner_mask(a: np.ndarray) -> tuple[np.ndarray, int] | None:
         # corner is its top-left
         box = x[::-1] if y0 else x
         box = box[:, ::-1] if x0 else box
-        same = np.abs(box - box[0, 0]) <= CORNER_TOL
-        run_x, run_y = int(np.argmin(same[0])), int(np.argmin(same[:, 0]))  # 0: a whole side
+        v = box[0, 0]
+        run_x = int(np.argmin(np.abs(box[0] - v) <= CORNER_TOL))  # 0: the whole side
+        run_y = int(np.argmin(np.abs(box[:, 0] - v) <= CORNER_TOL))
         if run_x < 2 or run_y < 2 or 0.5 * run_x * run_y > CORNER_MAX * h * w:
             continue
-        same = same[:run_y, :run_x]
+        same = np.abs(box[:run_y, :run_x] - v) <= CORNER_TOL
         # the region: each row's run of the corner's level from the edge (a triangle is that)
         runs = np.where(same.all(axis=1), run_x, np.argmin(same, axis=1))
         area = int(runs.sum())

@@ -15,23 +15,24 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..images.decode import ImageDecodeError, content_hash, open_rgb, read_image_file
+from ..extraction.cores import usable_cores
+from ..extraction.pool import Decoded, DecodePool
 from ..images.move import MoveReport, PlannedMove, move_files
-from ..images.pixelprint import grey_views, pixel_prints
+from ..images.pixelprint import pixel_prints
 from ..images.sources import SKIP_KINDS, FoundFile, find_images
 from .duplicates import DEFAULT_K, group_duplicates
 from .groups import DuplicateGroup
 from .keep import DEFAULT_KEEP, check_keep_rule
 from .lifecycle import Log
-from .verify import DRAFT, READ_BLOCK, Fingerprints
+from .verify import READ_BLOCK, Fingerprints
 
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 16  # files read between two progress calls
+MAX_WORKERS = 8  # decode processes by default, at most
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,15 @@ class FileDuplicates:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def _read_one(path: str) -> tuple[FileFacts, np.ndarray] | str:
-    """One file's facts and grey views, or why it could not be read. The bytes are read once:
-    hashed, then decoded from memory (the decoder every other path uses)."""
+def _facts(path: str, got: Decoded) -> FileFacts | None:
+    """The facts of a file a worker read (its size and time from the file now: the worker
+    read those bytes a moment ago)."""
     try:
-        data = read_image_file(path)
         st = os.stat(path)
-        decoded = open_rgb(data, draft_size=DRAFT)
-        views = grey_views(decoded.image)
-    except ImageDecodeError as e:
-        return str(e)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    facts = FileFacts(content_hash(data), len(data), st.st_mtime_ns, decoded.width, decoded.height)
-    return facts, views
+    except OSError:
+        return None
+    assert got.content_hash is not None and got.width is not None and got.height is not None
+    return FileFacts(got.content_hash, st.st_size, st.st_mtime_ns, got.width, got.height)
 
 
 def find_file_duplicates(
@@ -96,8 +92,8 @@ def find_file_duplicates(
             .txt/.csv list files, as ``embedkit extract`` takes them.
         k: most correlated thumbnails looked up per image (in each of its 8 turns/mirrors).
         keep: how each group's keeper is suggested (``index.keep.KEEP_RULES``).
-        threads: reading threads (default: one per CPU, at most 8; Pillow and hashlib
-            release the GIL).
+        threads: decode worker processes (default: one per usable core, at most
+            ``MAX_WORKERS``).
         progress: called as ``progress(done, total)`` while files are read.
         log: receives what was skipped or unreadable and how pairs are judged.
 
@@ -114,24 +110,35 @@ def find_file_duplicates(
     n = len(files)
     fp = Fingerprints.empty(n)
     facts: list[FileFacts | None] = [None] * n
-    workers = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, n, READ_BLOCK):  # N futures at once would not fit
-            paths = [f.abspath for f in files[start : start + READ_BLOCK]]
-            good = []
-            for i, got in enumerate(pool.map(_read_one, paths), start):  # in order, as read
-                if isinstance(got, str):
-                    failures.append((files[i].abspath, got))
-                    fp.errors[i] = got
-                else:
-                    facts[i] = got[0]
-                    good.append((i, got[1]))
-                if progress is not None and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == n):
-                    progress(i + 1, n)
-            if good:
-                prints = pixel_prints(np.stack([v for _, v in good]))
-                for (i, _), one in zip(good, prints, strict=True):
-                    fp.put(i, one)
+    pending: list[tuple[int, np.ndarray]] = []  # grey views not hashed yet (2 KB each)
+
+    def hash_pending() -> None:
+        prints = pixel_prints(np.stack([v for _, v in pending]))
+        for (row, _), one in zip(pending, prints, strict=True):
+            fp.put(row, one)
+        pending.clear()
+
+    # Decode worker processes (extraction's, without a model input): a codec that crashes on a
+    # hostile file costs that file, not the run, and numpy's small steps run in parallel
+    # (threads held each other up on the GIL: 2 threads were ~1.2x one).
+    workers = max(1, min(MAX_WORKERS, threads or usable_cores()))
+    done = 0
+    with DecodePool(workers if n > 1 else 0, None) as pool:
+        for i, got in pool.imap_unordered(enumerate(f.abspath for f in files), 8 * workers):
+            done += 1
+            if got.status != "ok" or got.views is None:
+                why = f"{got.reason}: {got.detail}" if got.detail else str(got.reason)
+                failures.append((files[i].abspath, why))
+                fp.errors[i] = why
+            else:
+                facts[i] = _facts(files[i].abspath, got)
+                pending.append((i, got.views))
+                if len(pending) >= READ_BLOCK:
+                    hash_pending()
+            if progress is not None and (done % PROGRESS_EVERY == 0 or done == n):
+                progress(done, n)
+    if pending:
+        hash_pending()
     if log is not None:
         if skipped:
             kinds = ", ".join(f"{c} {SKIP_KINDS[kind]}" for kind, c in skipped.most_common())

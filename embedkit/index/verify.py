@@ -20,6 +20,7 @@ import numpy as np
 
 from ..images.decode import ImageDecodeError, open_rgb
 from ..images.pixelprint import (
+    FILE_DRAFT,
     N_ORIENT,
     THUMB,
     VIEWS,
@@ -30,10 +31,7 @@ from ..images.pixelprint import (
 )
 from ..images.pixelprint import trim_flat_border as trim_flat_border  # re-exported
 
-# JPEG draft decoding for files fingerprinted without a model's draft size (bare arrays with
-# paths): keeps at least this shorter side, ~10x faster than full size. A store passes its
-# model's draft size instead, so that its files give what extraction computed.
-DRAFT = 64
+DRAFT = FILE_DRAFT  # draft size for files without a model's (``pixelprint.FILE_DRAFT``)
 READ_BLOCK = 1024  # files in flight at once while fingerprinting
 # (view of a, view of b) compared: whole-whole, centre-centre (rotated or edge-marked
 # copies), centre of a vs whole of b and back (b or a is a crop of the other).
