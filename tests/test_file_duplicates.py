@@ -261,7 +261,7 @@ def test_a_decoder_crash_costs_one_file(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(pool, "open_rgb", crashing)  # inherited by the forked workers
     families = _photos(tmp_path / "pics")
     (tmp_path / "pics" / "hostile.jpg").write_bytes(b"CRASH" + b"\0" * 100)
-    result = find_file_duplicates(tmp_path / "pics", threads=2)
+    result = find_file_duplicates(tmp_path / "pics", workers=2)
     reasons = dict(result.failures)
     assert reasons[str(tmp_path / "pics" / "hostile.jpg")].startswith("decode_crash")
     found = sorted(sorted(m.path for m in g.members) for g in result.groups)

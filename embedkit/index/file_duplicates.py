@@ -1,13 +1,14 @@
 """Duplicates among image files, with no store and no model: pixels and bytes only.
 
 ``embedkit duplicates FOLDER`` for a folder that is not a store (what a perceptual-hash tool
-is used for): every file is read once, by a few threads, for its content hash (byte-identical
-copies) and its pixel fingerprint (``images.pixelprint``, decoded with JPEG draft scaling),
-and ``duplicates.group_duplicates`` groups them with pixel evidence alone. No network, no
-torch: a fraction of what extraction costs (``benchmarks/duplicates.py``: within the time of
-imagededup's hashes on the same files). What it cannot see is what only an embedding sees:
-copies whose pixels changed beyond a small crop or turn (heavy crops, overlays, re-shoots);
-a store (``embedkit extract`` first) adds the embedding to the same rules.
+is used for): every file is read once, in extraction's crash-isolated decode worker processes,
+for its content hash (byte-identical copies) and its pixel fingerprint (``images.pixelprint``,
+decoded with JPEG draft scaling), and ``duplicates.group_duplicates`` groups them with pixel
+evidence alone. No network, no torch: a fraction of what extraction costs
+(``benchmarks/duplicates.py``: within the time of imagededup's hashes on the same files). What
+it cannot see is what only an embedding sees: copies whose pixels changed beyond a small crop
+or turn (heavy crops, overlays, re-shoots); a store (``embedkit extract`` first) adds the
+embedding to the same rules.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def find_file_duplicates(
     *,
     k: int = DEFAULT_K,
     keep: str = DEFAULT_KEEP,
-    threads: int | None = None,
+    workers: int | None = None,
     progress: Progress | None = None,
     log: Log | None = None,
 ) -> FileDuplicates:
@@ -92,7 +93,7 @@ def find_file_duplicates(
             .txt/.csv list files, as ``embedkit extract`` takes them.
         k: most correlated thumbnails looked up per image (in each of its 8 turns/mirrors).
         keep: how each group's keeper is suggested (``index.keep.KEEP_RULES``).
-        threads: decode worker processes (default: one per usable core, at most
+        workers: decode worker processes (default: one per usable core, at most
             ``MAX_WORKERS``).
         progress: called as ``progress(done, total)`` while files are read.
         log: receives what was skipped or unreadable and how pairs are judged.
@@ -121,10 +122,10 @@ def find_file_duplicates(
     # Decode worker processes (extraction's, without a model input): a codec that crashes on a
     # hostile file costs that file, not the run, and numpy's small steps run in parallel
     # (threads held each other up on the GIL: 2 threads were ~1.2x one).
-    workers = max(1, min(MAX_WORKERS, threads or usable_cores()))
+    procs = workers or max(1, min(MAX_WORKERS, usable_cores()))
     done = 0
-    with DecodePool(workers if n > 1 else 0, None) as pool:
-        for i, got in pool.imap_unordered(enumerate(f.abspath for f in files), 8 * workers):
+    with DecodePool(procs if n > 1 else 0, None) as pool:
+        for i, got in pool.imap_unordered(enumerate(f.abspath for f in files), 8 * procs):
             done += 1
             if got.status != "ok" or got.views is None:
                 why = f"{got.reason}: {got.detail}" if got.detail else str(got.reason)
