@@ -200,6 +200,7 @@ def duplicates_cmd(
         typer.Argument(
             help="A store (from `embedkit extract`): embeddings and pixels. Or a folder of "
             "images (or an image list): pixels and bytes only, no model, no store written.",
+            metavar="STORE|FOLDER",
             show_default=False,
         ),
     ],
