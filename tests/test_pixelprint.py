@@ -12,6 +12,7 @@ from PIL import Image
 from scipy.fft import dctn
 from test_duplicates_verify import _texture, _write_textures
 
+import embedkit.extraction.pool as pool
 import embedkit.index.verify as verify
 from embedkit.extraction.run import extract
 from embedkit.images.pixelprint import SIDE, hash_views, orientations
@@ -39,22 +40,42 @@ def _groups(store: Path) -> set[frozenset[str]]:
     return {frozenset(m.path or "" for m in g.members) for g in find_duplicates(store)}
 
 
+class _Opens:
+    """The files decoded for fingerprints so far, read back from a log that the (forked)
+    decode workers append to: compares and counts like a list."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def _lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def __len__(self) -> int:
+        return len(self._lines())
+
+    def __eq__(self, other: object) -> bool:
+        return self._lines() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @pytest.fixture
-def opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every file ``index.verify`` decodes."""
-    seen: list[str] = []
-    real = verify.open_rgb
+def opens(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> _Opens:
+    """Every file ``index.verify.fingerprints`` decodes (in its decode workers)."""
+    log = tmp_path / "opens.log"
+    real = pool.open_rgb
 
-    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(str(path))
-        return real(path, *args, **kwargs)
+    def counting(data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with open(log, "a") as f:  # O_APPEND: whole lines from any process
+            f.write(f"{len(data)} bytes\n")
+        return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(verify, "open_rgb", counting)
-    return seen
+    monkeypatch.setattr(pool, "open_rgb", counting)  # inherited by the forked workers
+    return _Opens(log)
 
 
 def test_duplicates_on_a_store_does_not_decode_the_files_again(
-    tmp_path: Path, opens: list[str]
+    tmp_path: Path, opens: _Opens
 ) -> None:
     store, paths = _store(tmp_path)
     assert list((store / pixels.PIXELS_DIR).glob("*.arrow")), "extraction kept no fingerprints"
@@ -65,7 +86,7 @@ def test_duplicates_on_a_store_does_not_decode_the_files_again(
 
 
 def test_a_store_without_fingerprints_decodes_once_and_keeps_them(
-    tmp_path: Path, opens: list[str]
+    tmp_path: Path, opens: _Opens
 ) -> None:
     store, _ = _store(tmp_path)
     with_kept = _groups(store)
@@ -155,7 +176,7 @@ def test_segments_merge_into_one_keeping_live_hashes(tmp_path: Path) -> None:
 
 
 def test_a_store_that_cannot_keep_them_still_finds_duplicates(
-    tmp_path: Path, opens: list[str]
+    tmp_path: Path, opens: _Opens
 ) -> None:
     store, _ = _store(tmp_path)
     want = _groups(store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import multiprocessing as mp
 import os
@@ -75,11 +76,13 @@ def decode_file(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     pixelprint: bool = True,
+    draft_size: int = FILE_DRAFT,
 ) -> Decoded:
     """Read, hash and decode one file (``images.load_model_input``, with its pixel
     fingerprint unless ``pixelprint`` is False); never raises for a bad file. A file whose
     hash is in ``_KNOWN_HASHES`` is hashed only, not decoded. Without a ``preprocess``, only
-    the pixel fingerprint's grey views are made (``duplicates`` of a folder: no model input)."""
+    the pixel fingerprint's grey views are made, from the image JPEG-drafted to
+    ``draft_size`` (``index.verify.fingerprints``: no model input)."""
     t0 = time.perf_counter()
     digest: str | None = None
     try:
@@ -88,7 +91,7 @@ def decode_file(
         if digest in _KNOWN_HASHES:
             return Decoded("reuse", digest)
         if preprocess is None:
-            return _fingerprint_only(data, digest, max_pixels, t0)
+            return _fingerprint_only(data, digest, max_pixels, draft_size, t0)
         mi = load_model_input(
             data, preprocess, max_pixels=max_pixels, digest=digest, pixelprint=pixelprint
         )
@@ -151,8 +154,10 @@ def _crashed() -> Decoded:
     )
 
 
-def _fingerprint_only(data: bytes, digest: str, max_pixels: int, t0: float) -> Decoded:
-    decoded = open_rgb(data, max_pixels=max_pixels, draft_size=FILE_DRAFT)
+def _fingerprint_only(
+    data: bytes, digest: str, max_pixels: int, draft_size: int, t0: float
+) -> Decoded:
+    decoded = open_rgb(data, max_pixels=max_pixels, draft_size=draft_size)
     return Decoded(
         "ok",
         digest,
@@ -176,10 +181,13 @@ class DecodePool:
         *,
         known_hashes: Iterable[str] = (),
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_size: int = FILE_DRAFT,
     ) -> None:
         self.workers = workers
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
+        # one file's work, as the workers run it (a module function and its arguments pickle)
+        self._decode = functools.partial(
+            decode_file, preprocess=preprocess, max_pixels=max_pixels, draft_size=draft_size
+        )
         self.known_hashes = frozenset(known_hashes)
         self._executor: ProcessPoolExecutor | None = None
         self._resize_to: int | None = None
@@ -252,7 +260,7 @@ class DecodePool:
             global _KNOWN_HASHES
             _KNOWN_HASHES = self.known_hashes
             for key, path in tasks:
-                yield key, decode_file(path, self.preprocess, self.max_pixels)
+                yield key, self._decode(path)
             return
         it = iter(tasks)
         pending: dict[Future[Decoded], tuple[int, str]] = {}
@@ -274,7 +282,7 @@ class DecodePool:
                 task = next(it, None)
                 if task is None:
                     return
-                fut = self._executor.submit(decode_file, task[1], self.preprocess, self.max_pixels)
+                fut = self._executor.submit(self._decode, task[1])
                 pending[fut] = task
 
         fill()
@@ -306,9 +314,7 @@ class DecodePool:
             if self._executor is None:
                 self._executor = self._new_executor()
             try:
-                result = self._executor.submit(
-                    decode_file, path, self.preprocess, self.max_pixels
-                ).result()
+                result = self._executor.submit(self._decode, path).result()
             except BrokenProcessPool:
                 self.close()
                 result = _crashed()

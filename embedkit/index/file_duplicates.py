@@ -20,20 +20,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..extraction.cores import usable_cores
-from ..extraction.pool import Decoded, DecodePool
+from ..extraction.pool import Decoded
 from ..images.move import MoveReport, PlannedMove, move_files
-from ..images.pixelprint import pixel_prints
 from ..images.sources import SKIP_KINDS, FoundFile, find_images
 from .duplicates import DEFAULT_K, group_duplicates
 from .groups import DuplicateGroup
 from .keep import DEFAULT_KEEP, check_keep_rule
 from .lifecycle import Log
-from .verify import READ_BLOCK, Fingerprints
+from .verify import fingerprints
 
 Progress = Callable[[int, int], None]
-PROGRESS_EVERY = 16  # files read between two progress calls
-MAX_WORKERS = 8  # decode processes by default, at most
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ def find_file_duplicates(
         k: most correlated thumbnails looked up per image (in each of its 8 turns/mirrors).
         keep: how each group's keeper is suggested (``index.keep.KEEP_RULES``).
         workers: decode worker processes (default: one per usable core, at most
-            ``MAX_WORKERS``).
+            ``verify.MAX_WORKERS``).
         progress: called as ``progress(done, total)`` while files are read.
         log: receives what was skipped or unreadable and how pairs are judged.
 
@@ -109,37 +105,15 @@ def find_file_duplicates(
     files, scan_failures = find_images(sources, skipped=skipped)
     failures = [(os.path.join(f.root, f.path), f.detail or f.reason) for f in scan_failures]
     n = len(files)
-    fp = Fingerprints.empty(n)
     facts: list[FileFacts | None] = [None] * n
-    pending: list[tuple[int, np.ndarray]] = []  # grey views not hashed yet (2 KB each)
 
-    def hash_pending() -> None:
-        prints = pixel_prints(np.stack([v for _, v in pending]))
-        for (row, _), one in zip(pending, prints, strict=True):
-            fp.put(row, one)
-        pending.clear()
+    def keep_facts(i: int, got: Decoded) -> None:
+        facts[i] = _facts(files[i].abspath, got)
 
-    # Decode worker processes (extraction's, without a model input): a codec that crashes on a
-    # hostile file costs that file, not the run, and numpy's small steps run in parallel
-    # (threads held each other up on the GIL: 2 threads were ~1.2x one).
-    procs = workers or max(1, min(MAX_WORKERS, usable_cores()))
-    done = 0
-    with DecodePool(procs if n > 1 else 0, None) as pool:
-        for i, got in pool.imap_unordered(enumerate(f.abspath for f in files), 8 * procs):
-            done += 1
-            if got.status != "ok" or got.views is None:
-                why = f"{got.reason}: {got.detail}" if got.detail else str(got.reason)
-                failures.append((files[i].abspath, why))
-                fp.errors[i] = why
-            else:
-                facts[i] = _facts(files[i].abspath, got)
-                pending.append((i, got.views))
-                if len(pending) >= READ_BLOCK:
-                    hash_pending()
-            if progress is not None and (done % PROGRESS_EVERY == 0 or done == n):
-                progress(done, n)
-    if pending:
-        hash_pending()
+    fp = fingerprints(
+        [f.abspath for f in files], workers=workers, progress=progress, on_read=keep_facts
+    )
+    failures += [(files[i].abspath, why) for i, why in sorted(fp.errors.items())]
     if log is not None:
         if skipped:
             kinds = ", ".join(f"{c} {SKIP_KINDS[kind]}" for kind, c in skipped.most_common())

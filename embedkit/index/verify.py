@@ -10,29 +10,30 @@ orientation that match best (``compare``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..images.decode import ImageDecodeError, open_rgb
+from ..extraction.cores import usable_cores
+from ..extraction.pool import Decoded, DecodePool
 from ..images.pixelprint import (
     FILE_DRAFT,
     N_ORIENT,
     THUMB,
     VIEWS,
     PixelPrint,
-    grey_views,
     orientations,
     pixel_prints,
 )
 from ..images.pixelprint import trim_flat_border as trim_flat_border  # re-exported
 
 DRAFT = FILE_DRAFT  # draft size for files without a model's (``pixelprint.FILE_DRAFT``)
-READ_BLOCK = 1024  # files in flight at once while fingerprinting
+READ_BLOCK = 1024  # fingerprints hashed at once (their grey views held until then)
+MAX_WORKERS = 8  # decode processes by default, at most
+PROGRESS_EVERY = 16  # files read between two progress calls
 # (view of a, view of b) compared: whole-whole, centre-centre (rotated or edge-marked
 # copies), centre of a vs whole of b and back (b or a is a crop of the other).
 VIEW_PAIRS = ((0, 0), (1, 1), (1, 0), (0, 1))
@@ -150,61 +151,70 @@ class Fingerprints:
         return PixelPrint(self.phash[row], self.thumb[row], self.dhash[row])
 
 
-def _read(path: str | None, draft_size: int) -> np.ndarray | str:
-    """The (2, SIDE, SIDE) grey views of one file, or why it could not be read."""
-    if path is None:
-        return "no file (bare vectors)"
-    try:
-        return grey_views(open_rgb(path, draft_size=draft_size).image)
-    except ImageDecodeError as e:
-        return str(e)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-
-
 def fingerprints(
     paths: Sequence[str | None],
     *,
-    threads: int | None = None,
+    workers: int | None = None,
     draft_size: int = DRAFT,
     out: Fingerprints | None = None,
     rows: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_read: Callable[[int, Decoded], None] | None = None,
 ) -> Fingerprints:
     """Fingerprints of the images at ``paths``; a path that is None or cannot be decoded is
     recorded in ``errors`` (its row stays ``ok = False``).
 
-    Files are decoded by ``threads`` threads (default: one per CPU, at most 8): Pillow
-    releases the GIL while decoding, which is most of the work; the hashes are computed a
-    block of files at a time.
+    Files are read in extraction's decode worker processes (``extraction.pool.DecodePool``,
+    without a model input): a codec that crashes on a hostile file costs that file
+    (``decode_crash``), and numpy's small steps run in parallel (threads held each other up on
+    the GIL: 2 were ~1.2x one). The hashes are computed a block of files at a time.
 
     Args:
         paths: the files.
-        threads: decoding threads.
+        workers: decode processes (default: one per usable core, at most ``MAX_WORKERS``).
         draft_size: JPEG draft rule (``decode.open_rgb``): a store's model draft size gives
             exactly the fingerprints extraction stored.
         out: fill these rows of an existing ``Fingerprints`` (``rows``: where ``paths`` go)
             instead of a new one.
         rows: with ``out``, the row of each path.
+        progress: called as ``progress(done, total)`` while files are read.
+        on_read: called as ``on_read(i, decoded)`` for each ``paths[i]`` read (content hash,
+            full-resolution size).
     """
     fp = out if out is not None else Fingerprints.empty(len(paths))
     where = list(rows) if rows is not None else list(range(len(paths)))
-    workers = threads or min(8, os.cpu_count() or 1)
+    pending: list[tuple[int, np.ndarray]] = []  # grey views not hashed yet (2 KB each)
 
-    def read(path: str | None) -> np.ndarray | str:
-        return _read(path, draft_size)
+    def hash_pending() -> None:
+        prints = pixel_prints(np.stack([v for _, v in pending]))
+        for (row, _), one in zip(pending, prints, strict=True):
+            fp.put(row, one)
+        pending.clear()
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), READ_BLOCK):  # N futures at once would not fit
-            block = list(pool.map(read, paths[start : start + READ_BLOCK]))
-            good = [i for i, v in enumerate(block) if not isinstance(v, str)]
-            for i, v in enumerate(block):
-                if isinstance(v, str):
-                    fp.errors[where[start + i]] = v
-            if not good:
-                continue
-            prints = pixel_prints(np.stack([block[i] for i in good]))  # type: ignore[misc]
-            for i, one in zip(good, prints, strict=True):
-                fp.put(where[start + i], one)
+    tasks = []
+    for i, path in enumerate(paths):
+        if path is None:
+            fp.errors[where[i]] = "no file (bare vectors)"
+        else:
+            tasks.append((i, path))
+    procs = workers or max(1, min(MAX_WORKERS, usable_cores()))
+    done, total = len(paths) - len(tasks), len(paths)
+    with DecodePool(procs if len(tasks) > 1 else 0, None, draft_size=draft_size) as pool:
+        for i, got in pool.imap_unordered(tasks, 8 * procs):
+            done += 1
+            if got.status != "ok" or got.views is None:
+                why = f"{got.reason}: {got.detail}" if got.detail else str(got.reason)
+                fp.errors[where[i]] = why
+            else:
+                pending.append((where[i], got.views))
+                if len(pending) >= READ_BLOCK:
+                    hash_pending()
+                if on_read is not None:
+                    on_read(i, got)
+            if progress is not None and (done % PROGRESS_EVERY == 0 or done == total):
+                progress(done, total)
+    if pending:
+        hash_pending()
     return fp
 
 
