@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,41 @@ def synthetic_metadata(dim: int) -> dict:
         "dim": dim,
         "normalize": False,
     }
+
+
+def slow_extract_command(
+    tmp_path: Path, *, n: int, size: tuple[int, int], workers: int, prelude: str = ""
+) -> tuple[list[str], dict[str, str], Path, Path]:
+    """(command, environment, photos, store) of an ``embedkit extract`` of ``n`` photos
+    that a signal lands in mid-run: torch at batch 1 (slow per image), committing every 2
+    rows, through ``embedkit.cli.main`` (``prelude``: Python run before it)."""
+    src = tmp_path / "photos"
+    for i in range(n):
+        make_photo(src / f"{i:03d}.jpg", i, size=size)
+    script = tmp_path / "cli.py"
+    script.write_text(
+        prelude + "from embedkit.extraction import run\n"
+        "run.extract.__kwdefaults__['commit_every'] = 2\n"
+        "from embedkit.cli import main\nmain()\n"
+    )
+    st = tmp_path / "s"
+    cmd = [sys.executable, str(script), "extract", str(src), "--store", str(st),
+           "--model", TINY, "--random-init", "--workers", str(workers), "--batch-size", "1",
+           "--runtime", "torch"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return cmd, env, src, st
+
+
+def wait_for_committed_rows(p: subprocess.Popen[str], st: Path, rows: int, timeout: float) -> None:
+    """Until the run ``p`` has committed ``rows`` rows to ``st``, or ended, or ``timeout``
+    seconds passed."""
+    from embedkit.store.read import open_store
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if (st / "manifest.json").exists() and len(open_store(st, vectors=False)) >= rows:
+            return
+        time.sleep(0.05)
 
 
 def make_photo(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> Path:

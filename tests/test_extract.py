@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, make_photo, tree_mtime_bump
+from conftest import (
+    TINY,
+    make_photo,
+    slow_extract_command,
+    tree_mtime_bump,
+    wait_for_committed_rows,
+)
 from PIL import Image
 
 from embedkit.errors import InvalidArgumentError, StoreLockedError, StoreMismatchError
@@ -433,29 +439,11 @@ def test_signal_to_the_main_process_commits_and_stops_the_workers_promptly(
     """SIGTERM (timeout, systemd, docker stop) and a SIGINT sent to the main process only (not
     the group, so the workers do not get it): committed rows kept, process and every decode
     worker gone within seconds, the rerun completes exactly once."""
-    src = tmp_path / "many"
     n = 200
-    for i in range(n):
-        make_photo(src / f"{i:03d}.jpg", i, size=(1600, 1200))
-    st = tmp_path / "s"
-    # torch at batch 1, commits every 2 rows: slow per image, so the signal lands mid-run
-    # with rows already committed; big photos keep the worker busy decoding meanwhile.
-    script = tmp_path / "cli.py"
-    script.write_text(
-        "import sys\nfrom embedkit.extraction import run\n"
-        "run.extract.__kwdefaults__['commit_every'] = 2\n"
-        "from embedkit.cli import main\nmain()\n"
-    )
-    cmd = [sys.executable, str(script), "extract", str(src), "--store", str(st),
-           "--model", TINY, "--random-init", "--workers", "2", "--batch-size", "1",
-           "--runtime", "torch"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # big photos keep the workers busy decoding when the signal lands
+    cmd, env, src, st = slow_extract_command(tmp_path, n=n, size=(1600, 1200), workers=2)
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if (st / "manifest.json").exists() and len(open_store(st)) >= 4:
-            break  # mid-run, with committed rows
-        time.sleep(0.05)
+    wait_for_committed_rows(p, st, 4, timeout=120)  # mid-run, with committed rows
     workers = _children(p.pid)
     assert p.poll() is None and workers, "the run ended before the signal could be sent"
     p.send_signal(sig)
