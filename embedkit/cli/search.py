@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..errors import InvalidArgumentError
 from ..images.move import MoveReport, undo_moves
+from ..images.sources import is_store_dir
 from ..index.choice import DEFAULT_MAX_MEMORY
 from ..index.duplicates import (
     DEFAULT_K,
@@ -271,7 +272,7 @@ def duplicates_cmd(
     the embedding's view too (heavier crops and overlays).
     """
     fmt = _format(json_, csv_)
-    if not (store / "manifest.json").exists() and store.exists():
+    if store.exists() and not is_store_dir(str(store)):
         _file_duplicates(store, threshold, verify, k, keep, to_remove, move_to, explain, fmt)
         return
     groups = find_duplicates(store, threshold, k=k, keep=keep.value, verify=verify, log=_log)

@@ -30,7 +30,6 @@ from ..images.pixelprint import (
 )
 from ..images.pixelprint import trim_flat_border as trim_flat_border  # re-exported
 
-DRAFT = FILE_DRAFT  # draft size for files without a model's (``pixelprint.FILE_DRAFT``)
 READ_BLOCK = 1024  # fingerprints hashed at once (their grey views held until then)
 MAX_WORKERS = 8  # decode processes by default, at most
 PROGRESS_EVERY = 16  # files read between two progress calls
@@ -155,7 +154,7 @@ def fingerprints(
     paths: Sequence[str | None],
     *,
     workers: int | None = None,
-    draft_size: int = DRAFT,
+    draft_size: int = FILE_DRAFT,
     out: Fingerprints | None = None,
     rows: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -237,7 +236,7 @@ def store_fingerprints(
     try:
         draft = Preprocess.from_dict(metadata["preprocess"]).draft_size
     except (KeyError, TypeError, ValueError):  # a store of bare vectors: no model, no draft
-        draft = DRAFT
+        draft = FILE_DRAFT
     key = segment_key(draft)
     got = read_prints(Path(store), key, hashes)
     fp = Fingerprints(got.found.copy(), got.phash, got.thumb, got.dhash, {})
