@@ -24,7 +24,7 @@ from ..extraction.pool import Decoded
 from ..images.move import MoveReport, PlannedMove, move_files
 from ..images.sources import SKIP_KINDS, FoundFile, find_images
 from .duplicates import DEFAULT_K, group_duplicates
-from .groups import DuplicateGroup
+from .groups import META, DuplicateGroup
 from .keep import DEFAULT_KEEP, check_keep_rule
 from .lifecycle import Log
 from .verify import fingerprints
@@ -130,7 +130,7 @@ def find_file_duplicates(
         log=log,
     )
     meta = {
-        i: (f.width, f.height, f.size, f.mtime_ns) for i, f in enumerate(facts) if f is not None
+        i: tuple(getattr(f, name) for name in META) for i, f in enumerate(facts) if f is not None
     }
     groups = [g.with_keeper(keep, meta) for g in groups]
     return FileDuplicates(groups, files, failures, skipped)
